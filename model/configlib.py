@@ -1,0 +1,205 @@
+"""One config dataclass per stage, overridden from the command line, saved as JSON.
+
+Each stage (train, export, serve) declares a frozen dataclass whose fields are its settings,
+with a `help` string in each field's metadata. `parse_config(Config, argv)` turns the fields
+into `--kebab-case` flags (argparse rejects unknown flags and badly typed values), runs the
+dataclass' own `validate()` if it has one, and returns the resolved config. `save_config`
+writes it as JSON beside what the stage produced.
+
+Pure Python: the REST client and the local server's argument parsing import it without
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the stage cannot use; the message names the flag."""
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (shown by --help) kept in metadata."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _converter(tp: Any, optional: bool):
+    def convert(text: str) -> Any:
+        if optional and text.strip().lower() in ("", "none", "null"):
+            return None
+        if tp is bool:
+            return _parse_bool(text)
+        if tp is Path:
+            return Path(text)
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            if text not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not one of {', '.join(map(str, choices))}"
+                )
+            return text
+        if typing.get_origin(tp) is tuple:
+            (item_type, *_rest) = typing.get_args(tp)
+            try:
+                return tuple(item_type(part) for part in text.split(",") if part.strip())
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(
+                    f"expected a comma-separated list of {item_type.__name__}, got {text!r}"
+                ) from err
+        try:
+            return tp(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"expected {getattr(tp, '__name__', tp)}, got {text!r}"
+            ) from err
+
+    convert.__name__ = getattr(tp, "__name__", "value")
+    return convert
+
+
+def build_parser(config_cls: type, prog: str | None = None, description: str | None = None):
+    """An argparse parser with one flag per field of `config_cls`, defaults from the class."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description or (config_cls.__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f.metadata.get("help", "") + f" (default: {f.default!r})",
+        }
+        if tp is bool and not optional:
+            # --flag / --no-flag, the usual shape for switches.
+            parser.add_argument(
+                _flag(f.name), action=argparse.BooleanOptionalAction, **kwargs
+            )
+            continue
+        kwargs["type"] = _converter(tp, optional)
+        kwargs["metavar"] = f.name.upper()
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+        parser.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def parse_config(
+    config_cls: type[C],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+    **overrides: Any,
+) -> C:
+    """Parse `argv` into `config_cls`; unknown flags and bad values exit with status 2.
+
+    `overrides` are applied before the command line (the command line wins); they let entry
+    points set defaults that come from the environment, e.g. Make variables.
+    """
+    parser = build_parser(config_cls, prog=prog, description=description)
+    namespace = parser.parse_args(argv)
+    values = {**overrides, **vars(namespace)}
+    try:
+        config = config_cls(**values)
+        validate = getattr(config, "validate", None)
+        if validate is not None:
+            validate()
+    except ConfigError as err:
+        parser.error(str(err))  # exits with status 2 and the usage line
+    return config
+
+
+def replace(config: C, **changes: Any) -> C:
+    """dataclasses.replace that also re-runs validate()."""
+    new = dataclasses.replace(config, **changes)
+    validate = getattr(new, "validate", None)
+    if validate is not None:
+        validate()
+    return new
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_config(config: Any, path: Path) -> None:
+    """Write the resolved config as JSON (the record of how an artifact was made)."""
+    write_json_atomic(path, config)
+
+
+def load_config(config_cls: type[C], path: Path) -> C:
+    """Read a config saved by save_config back into its dataclass; unknown keys fail."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    hints = typing.get_type_hints(config_cls)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown} for {config_cls.__name__}")
+    values = {}
+    for name, value in data.items():
+        tp, _optional = _unwrap_optional(hints[name])
+        if value is not None and tp is Path:
+            value = Path(value)
+        elif value is not None and typing.get_origin(tp) is tuple:
+            value = tuple(value)
+        values[name] = value
+    return config_cls(**values)
