@@ -17,6 +17,7 @@ DATA_DIR ?=
 REQUIRE_GPU ?=
 ARGS ?=
 RUN ?= artifacts/runs/latest
+EXPORT_ARGS ?=
 REST_PORT ?= 8501
 GRPC_PORT ?= 8500
 MODEL_BASE ?= artifacts/serving
@@ -66,8 +67,9 @@ gpu-check: setup ## Report what TensorFlow sees (GPU, CUDA, cuDNN); REQUIRE_GPU=
 	$(PY) -m model.gpu $(if $(filter 1 true yes,$(REQUIRE_GPU)),--require-gpu) --out artifacts/gpu_report.json
 
 .PHONY: train
-train: setup ## Check the GPU, train on MNIST, evaluate, then export the run (DATA_DIR=, REQUIRE_GPU=1, ARGS=)
+train: setup setup-tflite-runtime ## Check the GPU, train on MNIST, evaluate, then export the run (DATA_DIR=, REQUIRE_GPU=1, ARGS=)
 	$(PY) -m model.train $(TRAIN_FLAGS) $(ARGS)
+	$(PY) -m export --run artifacts/runs/latest $(EXPORT_ARGS)
 
 .PHONY: bench-train
 bench-train: setup ## Benchmark training: per-epoch time, samples/s, tf.data throughput, accuracy (JSON)
@@ -91,6 +93,9 @@ distclean: clean ## Remove artifacts/ and the virtual environments
 # ---------------------------------------------------------------------------------------------
 # Export (issue 3)
 # ---------------------------------------------------------------------------------------------
+.PHONY: export
+export: setup setup-tflite-runtime ## Export a run again: next SavedModel version + TFLite files (RUN=<run folder>, EXPORT_ARGS=)
+	$(PY) -m export --run $(RUN) $(EXPORT_ARGS)
 
 # ---------------------------------------------------------------------------------------------
 # Serve (issue 4)

@@ -94,7 +94,6 @@ def load_tfds(tfds_data_dir: Path | None = None) -> MnistData:
             "mnist",
             split=["train", "test"],
             as_supervised=True,
-            batch_size=-1,  # whole splits as tensors: 47 MB, no Python iteration
             with_info=True,
             data_dir=None if tfds_data_dir is None else str(tfds_data_dir),
         )
@@ -104,10 +103,17 @@ def load_tfds(tfds_data_dir: Path | None = None) -> MnistData:
             f"{OFFLINE_HINT}"
         ) from err
 
-    def to_split(pair) -> ArraySplit:
-        images, labels = (np.asarray(t) for t in pair)
+    def to_split(ds) -> ArraySplit:
+        # Large batches, not batch_size=-1 (which needs a known cardinality): a few steps.
+        images, labels = [], []
+        for x, y in tfds.as_numpy(ds.batch(10_000)):
+            images.append(x)
+            labels.append(y)
         # TFDS gives [N, 28, 28, 1]; our model takes [N, 28, 28].
-        return ArraySplit(images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.uint8))
+        return ArraySplit(
+            np.concatenate(images).reshape(-1, 28, 28).astype(np.uint8),
+            np.concatenate(labels).astype(np.uint8),
+        )
 
     source = {"kind": "tfds", "name": "mnist", "version": str(info.version)}
     return MnistData(to_split(train), to_split(test), source)

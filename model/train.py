@@ -52,12 +52,12 @@ class TrainConfig:
     input_dropout: float = field(0.0, "dropout on the input pixels")
     batch_norm: bool = field(True, "BatchNormalization in each hidden layer")
     # --- optimisation ---------------------------------------------------------------------
-    epochs: int = field(40, "maximum epochs (early stopping may end sooner)")
+    epochs: int = field(20, "maximum epochs (early stopping may end sooner)")
     batch_size: int = field(128, "global batch size (split across replicas)")
     learning_rate: float = field(2e-3, "peak learning rate (AdamW, warm-up then cosine decay)")
     warmup_epochs: float = field(1.0, "linear learning-rate warm-up, in epochs")
     weight_decay: float = field(1e-4, "AdamW decoupled weight decay")
-    patience: int = field(10, "early stopping: epochs without validation improvement")
+    patience: int = field(5, "early stopping: epochs without validation improvement")
     # --- augmentation (training pipeline only, after the cache; never at inference) --------
     augment: bool = field(True, "random rotation/scale/shift of training images")
     max_rotation: float = field(10.0, "augmentation: maximum rotation in degrees")
@@ -287,7 +287,9 @@ def _progress_verbosity(mode: str) -> int:
     return {"bar": 1, "epoch": 2, "quiet": 0}[mode]
 
 
-def build_compiled_model(config: TrainConfig, steps_per_epoch: int, use_xla: bool):
+def build_compiled_model(
+    config: TrainConfig, steps_per_epoch: int, use_xla: bool, steps_per_execution: int | None = None
+):
     """The MLP with its optimiser, loss and metrics (call inside the strategy scope)."""
     import keras
 
@@ -314,7 +316,7 @@ def build_compiled_model(config: TrainConfig, steps_per_epoch: int, use_xla: boo
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=use_xla,
-        steps_per_execution=config.steps_per_execution,
+        steps_per_execution=steps_per_execution or config.steps_per_execution,
     )
     return model
 
@@ -411,8 +413,14 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     )
     val_ds = data.make_eval_dataset(val_split, 1024)
 
+    steps_per_execution = config.steps_per_execution
+    if replicas > 1 and steps_per_execution > 1:
+        # Keras 3.15 on TF 2.21: the multi-step loop under MirroredStrategy fails ("You must
+        # feed a value for placeholder tensor 'while/cond/Placeholder'"); one step per call works.
+        log(f"Note: steps_per_execution {steps_per_execution} -> 1 under {replicas} replicas (Keras/TF bug)")
+        steps_per_execution = 1
     with strategy.scope():
-        model = build_compiled_model(config, steps_per_epoch, use_xla)
+        model = build_compiled_model(config, steps_per_epoch, use_xla, steps_per_execution)
 
     initial_epoch = 0
     metadata = backup_dir / "training_metadata.json"
@@ -478,6 +486,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
         "parameters": int(model.count_params()),
         "resumed": resuming,
         "xla": use_xla,
+        "steps_per_execution": steps_per_execution,
         "replicas": replicas,
         "device": "GPU" if gpu_report.gpu_usable else "CPU",
         "mixed_precision": gpu_report.mixed_precision,

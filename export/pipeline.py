@@ -1,0 +1,177 @@
+"""Export one training run: the SavedModel for TF Serving, then the TFLite files for devices.
+
+    python -m export --run artifacts/runs/latest        (make export RUN=...)
+
+`export_run(config)` loads the run's model and the test set it was evaluated on, applies the
+quality gate, publishes the next SavedModel version under `<serving_base>/mnist/`, then builds
+the TFLite variants into `<tflite_builds>/<run>/` and points `artifacts/mobile` at them. The
+resolved ExportConfig is saved beside both outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from model import configlib, contract
+from model.configlib import ConfigError, field
+
+EXIT_GATE_REFUSED = 4  # distinct: a script can tell "model not good enough" from a failure
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export a training run as a SavedModel for TF Serving and as TFLite files."""
+
+    run: Path = field(Path("artifacts/runs/latest"), "run folder to export (holds model.keras)")
+    serving_base: Path = field(Path("artifacts/serving"), "TF Serving model base path")
+    model_name: str = field(contract.MODEL_NAME, "model name (folder under the base path)")
+    version: int | None = field(None, "version number to publish (default: the next one)")
+    min_accuracy: float = field(0.97, "quality gate: lowest test accuracy allowed")
+    max_regression: float = field(
+        0.002, "quality gate: largest accuracy drop allowed vs the published version (0.002 = 0.2 points)"
+    )
+    force: bool = field(False, "publish even when the quality gate refuses")
+    data_dir: Path | None = field(None, "IDX folder for the test set (default: the run's own data source)")
+    parity_images: int = field(1000, "test images on which the SavedModel must match Keras")
+    cli_check: bool = field(True, "check the SavedModel with saved_model_cli show/run")
+    saved_model: bool = field(True, "publish the SavedModel")
+    tflite: bool = field(True, "build the TFLite variants")
+    tflite_builds: Path = field(Path("artifacts/tflite"), "folder of TFLite builds, one per export")
+    mobile_dir: Path = field(Path("artifacts/mobile"), "symlink to the newest TFLite build")
+    calibration_images: int = field(500, "training images that calibrate the int8 variant")
+    latency_runs: int = field(2000, "single-image runs per variant for the latency figures")
+    tflite_runtime_python: Path | None = field(
+        Path(".venv-tflite-runtime/bin/python"),
+        "Python of the tflite-runtime 2.14.0 venv, to check that runtime ('none' skips)",
+    )
+
+    def validate(self) -> None:
+        if not (Path(self.run) / contract.RUN_MODEL_FILE).is_file():
+            raise ConfigError(
+                f"--run {self.run}: no {contract.RUN_MODEL_FILE} there. Train first (make train) "
+                f"or point RUN= at a finished run folder under artifacts/runs/."
+            )
+        if not (Path(self.run) / contract.RUN_METRICS_FILE).is_file():
+            raise ConfigError(f"--run {self.run}: no {contract.RUN_METRICS_FILE}; the run did not finish")
+        if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 <= self.max_regression <= 1.0:
+            raise ConfigError("--min-accuracy and --max-regression are fractions in [0, 1]")
+        if self.version is not None and self.version < 1:
+            raise ConfigError(f"--version must be a positive integer, got {self.version}")
+        if not self.saved_model and not self.tflite:
+            raise ConfigError("nothing to do: both --no-saved-model and --no-tflite were given")
+        if self.parity_images < 1 or self.calibration_images < 1 or self.latency_runs < 1:
+            raise ConfigError("--parity-images, --calibration-images and --latency-runs must be >= 1")
+
+
+@dataclass
+class RunData:
+    """What the export needs from the run's data: the test set and calibration images."""
+
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    calibration_images: np.ndarray
+
+
+def load_run_data(config: ExportConfig) -> RunData:
+    """The test set the run was evaluated on and a seeded sample of its training images."""
+    from model import data
+    from model.train import TrainConfig
+
+    train_config = configlib.load_config(TrainConfig, Path(config.run) / contract.RUN_CONFIG_FILE)
+    data_dir = config.data_dir if config.data_dir is not None else train_config.data_dir
+    dataset = data.load_mnist(data_dir, train_config.tfds_dir)
+    train_split, _validation = data.split_validation(dataset.train, train_config.validation_size)
+    rng = np.random.default_rng(train_config.seed)
+    pick = rng.choice(len(train_split), size=min(config.calibration_images, len(train_split)), replace=False)
+    return RunData(
+        test_images=dataset.test.images,
+        test_labels=dataset.test.labels.astype(np.int64),
+        calibration_images=train_split.images[np.sort(pick)],
+    )
+
+
+def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Gate, publish the SavedModel, build the TFLite files. Returns a summary dict.
+
+    Raises saved_model.GateRefused (nothing published), saved_model.ExportError,
+    tflite.TFLiteError.
+    """
+    import keras
+
+    from export import saved_model, tflite
+
+    run_dir = Path(config.run).resolve()
+    run_metrics = configlib_load_json(run_dir / contract.RUN_METRICS_FILE)
+    model = keras.models.load_model(run_dir / contract.RUN_MODEL_FILE, compile=False)
+    run_data = load_run_data(config)
+    summary: dict[str, Any] = {"run": str(run_dir)}
+
+    if config.saved_model:
+        model_dir = Path(config.serving_base) / config.model_name
+        summary["saved_model"] = saved_model.export_saved_model(
+            model, model_dir, run_data.test_images, run_data.test_labels,
+            {**run_metrics, "run": str(run_dir)},
+            min_accuracy=config.min_accuracy, max_regression=config.max_regression,
+            force=config.force, version=config.version, parity_images=config.parity_images,
+            cli_check=config.cli_check,
+            before_rename=lambda tmp: configlib.save_config(config, tmp / "assets.extra" / "export_config.json"),
+            log=log,
+        )
+    if config.tflite:
+        builds = Path(config.tflite_builds)
+        name = run_dir.name
+        out_dir, n = builds / name, 1
+        while out_dir.exists() or out_dir.is_symlink():
+            n += 1
+            out_dir = builds / f"{name}-{n}"
+        python = config.tflite_runtime_python
+        if python is not None and not Path(python).exists():
+            log(f"Note: {python} not found; skipping the tflite-runtime check (make setup-tflite-runtime)")
+        result = tflite.export_tflite(
+            model, out_dir, run_data.test_images, run_data.test_labels,
+            run_data.calibration_images, run_name=str(run_dir), tflite_runtime_python=python,
+            latency_runs=config.latency_runs, log=log,
+        )
+        configlib.save_config(config, out_dir / "export_config.json")
+        tflite.point_link_at(Path(config.mobile_dir), out_dir)
+        summary["tflite"] = {"directory": str(out_dir), "report": result.report}
+        _log_tflite(result.report, Path(config.mobile_dir), log)
+    return summary
+
+
+def configlib_load_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _log_tflite(report: dict[str, Any], mobile_dir: Path, log: Callable[[str], None]) -> None:
+    log(f"TFLite variants (Keras accuracy {report['keras_accuracy']:.4f}):")
+    for v in report["variants"]:
+        log(
+            f"  {v['name']:8s} {v['size_bytes'] / 1024:8.0f} KiB  accuracy {v['accuracy']:.4f}  "
+            f"agreement {v['agreement']:.4f}  p50 {v['latency_us_p50']:.1f} us  "
+            f"runtimes: {', '.join(v['runtimes'])}"
+        )
+    log(f"Recommended: {report['recommended']} -> {mobile_dir / 'mnist.tflite'} (report: {mobile_dir / 'report.md'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export import saved_model, tflite
+    from model import data, idx
+
+    config = configlib.parse_config(ExportConfig, argv, prog="python -m export")
+    try:
+        export_run(config)
+    except saved_model.GateRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_GATE_REFUSED
+    except (saved_model.ExportError, tflite.TFLiteError, data.DataError, idx.IdxError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,565 @@
+"""The SavedModel for TensorFlow Serving: signatures, warm-up, verification, atomic publish.
+
+Layout TF Serving expects under its model base path:
+
+    <base>/mnist/<version>/saved_model.pb
+                          /variables/...
+                          /assets.extra/tf_serving_warmup_requests   (replayed at load)
+                          /assets.extra/metrics.json                 (what we measured)
+
+Signatures (names from model/contract.py):
+
+    serving_default  image        uint8  [-1, 28, 28]  raw pixels, /255 is inside the graph
+    serving_bytes    image_bytes  string [-1]          PNG/JPEG of any size, grey or colour
+    both ->          probabilities float32 [-1, 10],  digit int64 [-1]
+
+Publishing is atomic: TF Serving polls the base path every second and would try to load a
+half-written folder, so the SavedModel is written and verified under a non-numeric temporary
+name in the same folder, then renamed to its version number. Versions only grow (a high-water
+mark survives deleted versions) and an existing version is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from model import configlib, contract
+
+TMP_PREFIX = ".tmp-export-"  # non-numeric: TF Serving ignores such folders
+HIGH_WATER_FILE = ".last_version"
+LOCK_FILE = ".publish.lock"
+WARMUP_BATCH_SIZES = (1, 8)
+
+# Parity tolerance between the Keras model and the exported graph (same kernels, same
+# float32 maths: they should agree to rounding error).
+PARITY_MAX_ABS_DIFF = 1e-5
+
+
+class ExportError(RuntimeError):
+    """The export cannot go on; nothing was published."""
+
+
+class GateRefused(ExportError):
+    """The quality gate refused the model (override with --force)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Versions
+# --------------------------------------------------------------------------------------------
+
+def numeric_versions(model_dir: Path) -> list[int]:
+    """Published versions: the purely numeric sub-folders, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_dir: Path) -> int:
+    """One more than every version ever published here (deleted ones included)."""
+    high = max(numeric_versions(model_dir), default=0)
+    mark = model_dir / HIGH_WATER_FILE
+    if mark.exists():
+        try:
+            high = max(high, int(mark.read_text().strip() or 0))
+        except ValueError:
+            pass
+    return high + 1
+
+
+@contextlib.contextmanager
+def publish_lock(model_dir: Path) -> Iterator[None]:
+    """Serialise publishers of one model folder (two exports never pick the same number)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under root to disk before the rename makes it visible."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(model_dir: Path) -> list[Path]:
+    """Delete temporary export folders whose writer process is gone (a crash or kill)."""
+    removed = []
+    if not model_dir.is_dir():
+        return removed
+    for path in model_dir.iterdir():
+        match = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-.*", path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def publish(
+    model_dir: Path,
+    write: Callable[[Path], None],
+    version: int | None = None,
+    before_rename: Callable[[Path], None] | None = None,
+) -> tuple[int, Path]:
+    """Write a SavedModel with `write(tmp_dir)`, then atomically rename it to its version.
+
+    `before_rename(tmp_dir)` runs after writing (verification hooks; tests inject failures
+    there). Any exception removes the temporary folder and publishes nothing. Returns
+    (version, final path).
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(model_dir)
+    tmp = model_dir / f"{TMP_PREFIX}{os.getpid()}-{int(time.time() * 1000)}"
+    try:
+        write(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
+        _fsync_tree(tmp)
+        with publish_lock(model_dir):
+            number = next_version(model_dir) if version is None else int(version)
+            if number < 1:
+                raise ExportError(f"version must be a positive integer, got {number}")
+            final = model_dir / str(number)
+            if final.exists():
+                raise ExportError(f"{final} already exists: published versions are never overwritten")
+            if number < next_version(model_dir):
+                raise ExportError(
+                    f"version {number} is not above the highest version ever published here "
+                    f"({next_version(model_dir) - 1}): versions only grow"
+                )
+            os.rename(tmp, final)  # atomic on one filesystem
+            mark_tmp = model_dir / f".{HIGH_WATER_FILE}.tmp"
+            mark_tmp.write_text(f"{number}\n")
+            os.replace(mark_tmp, model_dir / HIGH_WATER_FILE)
+            dir_fd = os.open(model_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return number, final
+
+
+# --------------------------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------------------------
+
+def decode_to_mnist(image_bytes):
+    """One encoded picture (scalar string) -> uint8 [28, 28], inside the graph.
+
+    PNG/JPEG/GIF/BMP of any size, grey or colour (alpha dropped): decoded, made grey, resized
+    to 28x28 with antialiasing (area-like when shrinking), inverted when its background (the
+    border) is light, so dark ink on white paper looks like MNIST's white on black, then
+    contrast-stretched from the background level to the brightest ink (coloured or grey paper,
+    faint ink). An MNIST image (black border, ink up to 255) passes through unchanged.
+    A broken picture fails the request with TensorFlow's decode error.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)  # [H, W, 3]
+    grey = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))  # [H, W, 1], 0-255
+    resized = tf.image.resize(grey, contract.IMAGE_SHAPE, method="bilinear", antialias=True)
+    resized = tf.clip_by_value(resized[..., 0], 0.0, 255.0)  # [28, 28]
+
+    def border_mean(x):
+        return tf.reduce_mean(tf.concat([x[0, :], x[-1, :], x[:, 0], x[:, -1]], axis=0))
+
+    resized = tf.cond(border_mean(resized) > 127.5, lambda: 255.0 - resized, lambda: resized)
+    background = border_mean(resized)
+    span = tf.maximum(tf.reduce_max(resized) - background, 1.0)
+    stretched = tf.clip_by_value((resized - background) / span, 0.0, 1.0) * 255.0
+    return tf.cast(tf.round(stretched), tf.uint8)
+
+
+def build_archive(model):
+    """A keras.export.ExportArchive with both signatures around `model` (no I/O)."""
+    import keras
+    import tensorflow as tf
+
+    def outputs(probabilities):
+        return {
+            contract.OUTPUT_PROBABILITIES: probabilities,
+            contract.OUTPUT_DIGIT: tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+        }
+
+    def serve_pixels(image):  # the argument's name becomes the signature's input key
+        return outputs(model(image, training=False))
+
+    def serve_bytes(image_bytes):
+        images = tf.map_fn(
+            decode_to_mnist, image_bytes,
+            fn_output_signature=tf.TensorSpec(contract.IMAGE_SHAPE, tf.uint8),
+        )
+        return outputs(model(images, training=False))
+
+    assert serve_pixels.__code__.co_varnames[0] == contract.INPUT_PIXELS
+    assert serve_bytes.__code__.co_varnames[0] == contract.INPUT_BYTES
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=contract.SIGNATURE_PIXELS,
+        fn=serve_pixels,
+        input_signature=[tf.TensorSpec([None, *contract.IMAGE_SHAPE], tf.uint8, name=contract.INPUT_PIXELS)],
+    )
+    archive.add_endpoint(
+        name=contract.SIGNATURE_BYTES,
+        fn=serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=contract.INPUT_BYTES)],
+    )
+    return archive
+
+
+# --------------------------------------------------------------------------------------------
+# Warm-up and metrics files
+# --------------------------------------------------------------------------------------------
+
+def warmup_images(batch: int) -> np.ndarray:
+    """uint8 [batch, 28, 28]: a synthetic stroke, enough to run every kernel once."""
+    images = np.zeros((batch, *contract.IMAGE_SHAPE), dtype=np.uint8)
+    images[:, 4:24, 13:15] = 255
+    return images
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_warmup(path: Path, model_name: str = contract.MODEL_NAME) -> int:
+    """TF Serving's warm-up file: a TFRecord of PredictionLog protos, one per request.
+
+    TF Serving replays them when it loads the version, before serving it, so the first real
+    request does not pay for graph initialisation. Returns the number of records.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    def request(signature: str, key: str, value) -> prediction_log_pb2.PredictionLog:
+        req = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
+        )
+        req.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=req)
+        )
+
+    records = []
+    for batch in WARMUP_BATCH_SIZES:
+        records.append(request(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS, warmup_images(batch)))
+    png = encode_png(warmup_images(1)[0])
+    records.append(request(contract.SIGNATURE_BYTES, contract.INPUT_BYTES, np.array([png], dtype=object)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+    return len(records)
+
+
+def read_warmup(path: Path) -> list:
+    """The PredictionLog records of a warm-up file (for checks and for our local server)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    logs = []
+    for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(raw)
+        logs.append(log)
+    return logs
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+def load_signatures(saved_model_dir: Path) -> dict[str, Callable]:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    # Keep the loaded object alive as long as its signature functions.
+    return {name: _bind(fn, loaded) for name, fn in loaded.signatures.items()}
+
+
+def _bind(fn, owner):
+    def call(**kwargs):
+        return fn(**kwargs)
+
+    call.owner = owner  # type: ignore[attr-defined]
+    return call
+
+
+def predict_saved_model(signatures: dict[str, Callable], images: np.ndarray, batch: int = 1024) -> dict[str, np.ndarray]:
+    """Run serving_default over uint8 [N, 28, 28] in batches; numpy outputs."""
+    import tensorflow as tf
+
+    fn = signatures[contract.SIGNATURE_PIXELS]
+    probs, digits = [], []
+    for start in range(0, len(images), batch):
+        out = fn(**{contract.INPUT_PIXELS: tf.constant(images[start : start + batch])})
+        probs.append(out[contract.OUTPUT_PROBABILITIES].numpy())
+        digits.append(out[contract.OUTPUT_DIGIT].numpy())
+    return {
+        contract.OUTPUT_PROBABILITIES: np.concatenate(probs),
+        contract.OUTPUT_DIGIT: np.concatenate(digits),
+    }
+
+
+def verify_parity(saved_model_dir: Path, keras_probs: np.ndarray, images: np.ndarray) -> dict[str, Any]:
+    """Reload the SavedModel and compare it with the Keras model's probabilities.
+
+    Requires identical argmax and max |difference| <= PARITY_MAX_ABS_DIFF, and that the bytes
+    signature gives the same digits on the same images sent as 28x28 PNG (lossless).
+    Raises ExportError otherwise. Returns the measured numbers.
+    """
+    import tensorflow as tf
+
+    signatures = load_signatures(saved_model_dir)
+    missing = {contract.SIGNATURE_PIXELS, contract.SIGNATURE_BYTES} - set(signatures)
+    if missing:
+        raise ExportError(f"exported SavedModel lacks signatures {sorted(missing)}")
+    out = predict_saved_model(signatures, images)
+    diff = float(np.max(np.abs(out[contract.OUTPUT_PROBABILITIES] - keras_probs)))
+    keras_digits = keras_probs.argmax(axis=1)
+    mismatched = int((out[contract.OUTPUT_DIGIT] != keras_digits).sum())
+    if mismatched or diff > PARITY_MAX_ABS_DIFF:
+        raise ExportError(
+            f"SavedModel disagrees with the Keras model on {len(images)} test images: "
+            f"{mismatched} different digits, max probability difference {diff:.2e} "
+            f"(allowed {PARITY_MAX_ABS_DIFF:.0e})"
+        )
+    sample = images[:64]
+    pngs = np.array([encode_png(im) for im in sample], dtype=object)
+    bytes_out = signatures[contract.SIGNATURE_BYTES](**{contract.INPUT_BYTES: tf.constant(pngs)})
+    bytes_digits = bytes_out[contract.OUTPUT_DIGIT].numpy()
+    if not np.array_equal(bytes_digits, out[contract.OUTPUT_DIGIT][: len(sample)]):
+        raise ExportError("the serving_bytes signature disagrees with serving_default on PNG-encoded test images")
+    return {"images": int(len(images)), "max_abs_diff": diff, "digit_mismatches": mismatched,
+            "bytes_signature_images": int(len(sample))}
+
+
+def saved_model_cli(*args: str, timeout: float = 300) -> str:
+    """Run TensorFlow's saved_model_cli with this interpreter; returns stdout."""
+    cmd = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", *args]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise ExportError(f"saved_model_cli {args[0]} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def verify_with_cli(saved_model_dir: Path) -> dict[str, Any]:
+    """`saved_model_cli show --all` lists both signatures with the right dtypes and shapes;
+    `saved_model_cli run` executes serving_default on one input."""
+    shown = saved_model_cli("show", "--dir", str(saved_model_dir), "--all")
+    expectations = [
+        f"signature_def['{contract.SIGNATURE_PIXELS}']",
+        f"signature_def['{contract.SIGNATURE_BYTES}']",
+        f"inputs['{contract.INPUT_PIXELS}'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)",
+        f"inputs['{contract.INPUT_BYTES}'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)",
+        f"outputs['{contract.OUTPUT_PROBABILITIES}'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)",
+        f"outputs['{contract.OUTPUT_DIGIT}'] tensor_info:\n        dtype: DT_INT64\n        shape: (-1)",
+    ]
+    missing = [e for e in expectations if e not in shown]
+    if missing:
+        raise ExportError("saved_model_cli show does not list: " + "; ".join(m.replace("\n", " ") for m in missing))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # --input_exprs only takes Python literals now; a .npy file carries the uint8 batch.
+        npy = Path(scratch) / "image.npy"
+        np.save(npy, warmup_images(2))
+        ran = saved_model_cli(
+            "run", "--dir", str(saved_model_dir), "--tag_set", "serve",
+            "--signature_def", contract.SIGNATURE_PIXELS,
+            "--inputs", f"{contract.INPUT_PIXELS}={npy}",
+        )
+    for key in (contract.OUTPUT_PROBABILITIES, contract.OUTPUT_DIGIT):
+        if f"Result for output key {key}" not in ran:
+            raise ExportError(f"saved_model_cli run printed no result for output {key!r}:\n{ran[-1000:]}")
+    return {"show": "ok", "run": "ok"}
+
+
+# --------------------------------------------------------------------------------------------
+# Quality gate
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GateDecision:
+    candidate_accuracy: float
+    min_accuracy: float
+    baseline_version: int | None
+    baseline_accuracy: float | None
+    max_regression: float
+    passed: bool
+    forced: bool
+    reasons: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def quality_gate(
+    candidate_accuracy: float,
+    baseline_accuracy: float | None,
+    baseline_version: int | None,
+    min_accuracy: float,
+    max_regression: float,
+    force: bool,
+) -> GateDecision:
+    """Bless or refuse a model, as TFX's Evaluator does before pushing.
+
+    Refuses when the candidate's test accuracy is below `min_accuracy`, or more than
+    `max_regression` (absolute, 0.002 = 0.2 points) below the published baseline measured on
+    the same test images. `force` publishes anyway (the refusal is recorded).
+    """
+    reasons = []
+    if candidate_accuracy < min_accuracy:
+        reasons.append(
+            f"test accuracy {candidate_accuracy:.4f} is below the threshold {min_accuracy:.4f}"
+        )
+    if baseline_accuracy is not None and candidate_accuracy < baseline_accuracy - max_regression:
+        reasons.append(
+            f"test accuracy {candidate_accuracy:.4f} is {100 * (baseline_accuracy - candidate_accuracy):.2f} "
+            f"points below published version {baseline_version} ({baseline_accuracy:.4f}) on the same "
+            f"test images; at most {100 * max_regression:.2f} points are allowed"
+        )
+    return GateDecision(
+        candidate_accuracy, min_accuracy, baseline_version, baseline_accuracy, max_regression,
+        passed=not reasons, forced=bool(reasons) and force, reasons=reasons,
+    )
+
+
+def baseline_accuracy(model_dir: Path, images: np.ndarray, labels: np.ndarray) -> tuple[int | None, float | None]:
+    """Accuracy of the newest published version on these images (None when nothing is published)."""
+    versions = numeric_versions(model_dir)
+    if not versions:
+        return None, None
+    version = versions[-1]
+    try:
+        out = predict_saved_model(load_signatures(model_dir / str(version)), images)
+    except Exception as err:  # a broken baseline must not block a good candidate silently
+        raise ExportError(f"cannot evaluate the published version {version} as the baseline: {err}") from err
+    return version, float((out[contract.OUTPUT_DIGIT] == labels).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# The whole SavedModel export
+# --------------------------------------------------------------------------------------------
+
+def export_saved_model(
+    model,
+    model_dir: Path,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    run_metrics: dict[str, Any],
+    min_accuracy: float = 0.97,
+    max_regression: float = 0.002,
+    force: bool = False,
+    version: int | None = None,
+    parity_images: int = 1000,
+    cli_check: bool = True,
+    before_rename: Callable[[Path], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Gate, write, verify and publish `model` as the next version under `model_dir`.
+
+    Args:
+      model: the trained keras.Model (uint8 [B, 28, 28] -> float32 [B, 10]).
+      model_dir: `<base>/<model name>`, the folder TF Serving watches for versions.
+      test_images, test_labels: the test set (uint8 [N, 28, 28], int [N]): the gate measures
+        candidate and published baseline on them; the parity check uses the first
+        `parity_images`.
+      run_metrics: the run's metrics.json content, recorded beside the version.
+    Returns a summary dict (version, path, gate, parity). Raises GateRefused or ExportError;
+    in both cases nothing new is visible under `model_dir`.
+    """
+    model_dir = Path(model_dir)
+    probs = model.predict(test_images, batch_size=1024, verbose=0)
+    candidate = float((probs.argmax(axis=1) == test_labels).mean())
+    base_version, base_acc = baseline_accuracy(model_dir, test_images, test_labels)
+    gate = quality_gate(candidate, base_acc, base_version, min_accuracy, max_regression, force)
+    if not gate.passed and not force:
+        raise GateRefused(
+            "quality gate refused to publish: " + "; ".join(gate.reasons) + ". Pass --force to publish anyway."
+        )
+    if gate.forced:
+        log("WARNING: publishing despite the quality gate (--force): " + "; ".join(gate.reasons))
+
+    n = min(parity_images, len(test_images))
+    checks: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        build_archive(model).write_out(str(tmp), verbose=False)
+        write_warmup(tmp / contract.WARMUP_FILE)
+
+    def verify(tmp: Path) -> None:
+        checks["parity"] = verify_parity(tmp, probs[:n], test_images[:n])
+        if cli_check:
+            checks["saved_model_cli"] = verify_with_cli(tmp)
+        record = {
+            "test_accuracy": candidate,
+            "test_images": int(len(test_images)),
+            "gate": gate.as_dict(),
+            "parity": checks["parity"],
+            "run": run_metrics,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        configlib.write_json_atomic(tmp / contract.VERSION_METRICS_FILE, record)
+        if before_rename is not None:
+            before_rename(tmp)
+
+    number, final = publish(model_dir, write, version=version, before_rename=verify)
+    log(
+        f"Published SavedModel version {number} at {final} (test accuracy {candidate:.4f}; "
+        f"parity max diff {checks['parity']['max_abs_diff']:.1e} on {n} images)"
+    )
+    return {"version": number, "path": str(final), "test_accuracy": candidate,
+            "gate": gate.as_dict(), **checks}
+
+
+def read_version_metrics(version_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(version_dir) / contract.VERSION_METRICS_FILE).read_text(encoding="utf-8"))
