@@ -51,6 +51,15 @@ $(SETUP_STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[train,serve,client-grpc,dev]"
 	@touch $@
 
+.PHONY: lock
+lock: ## Re-resolve requirements/constraints.txt after editing pyproject.toml's pins (fresh venv)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade "pip==26.3"
+	.venv-lock/bin/python -m pip install --quiet -e ".[train,serve,client-grpc,dev]"
+	{ head -n 2 requirements/constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+	rm -rf .venv-lock
+
 .PHONY: setup-tflite-runtime
 setup-tflite-runtime: $(TFLITE_RUNTIME_STAMP) ## Make .venv-tflite-runtime: tflite-runtime 2.14.0 + numpy<2 (32-bit Pi OS's runtime)
 
