@@ -80,6 +80,23 @@ OFFLINE_HINT = (
 )
 
 
+# Where TFDS downloads MNIST from (its mnist builder's URLs).
+TFDS_DOWNLOAD_HOST = "storage.googleapis.com"
+
+
+def check_download_reachable(host: str = TFDS_DOWNLOAD_HOST, timeout: float = 10.0) -> None:
+    """Fail in seconds, not minutes: TFDS retries an unreachable host for several minutes."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        raise DataError(
+            f"TFDS must download MNIST from {host}, which this machine cannot reach ({err}). "
+            f"{OFFLINE_HINT}"
+        ) from err
+
+
 def load_tfds(tfds_data_dir: Path | None = None) -> MnistData:
     """Load TFDS `mnist` (downloading it on first use) as numpy arrays.
 
@@ -89,6 +106,9 @@ def load_tfds(tfds_data_dir: Path | None = None) -> MnistData:
         import tensorflow_datasets as tfds
     except ImportError as err:  # pragma: no cover - the train extra installs it
         raise DataError(f"tensorflow-datasets is not installed ({err}). {OFFLINE_HINT}") from err
+    builder = tfds.builder("mnist", data_dir=None if tfds_data_dir is None else str(tfds_data_dir))
+    if not builder.is_prepared():
+        check_download_reachable()
     try:
         (train, test), info = tfds.load(
             "mnist",

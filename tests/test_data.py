@@ -84,8 +84,10 @@ def test_eval_pipeline_keeps_order_and_every_image(fixture_mnist):
     np.testing.assert_array_equal(images, fixture_mnist.test.images)
 
 
-def test_tfds_source_under_mock_data():
+def test_tfds_source_under_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    # mock_data replaces the download, so the reachability check has nothing to guard.
+    monkeypatch.setattr(data, "check_download_reachable", lambda *a, **k: None)
     with tfds.testing.mock_data(num_examples=64):
         mnist = data.load_mnist(None)
     assert mnist.source["kind"] == "tfds"
@@ -94,12 +96,18 @@ def test_tfds_source_under_mock_data():
         assert split.labels.max() < 10 and len(split) == 64
 
 
+def test_unreachable_download_host_fails_fast_with_the_offline_hint():
+    with pytest.raises(data.DataError, match=r"cannot reach.*--data-dir.*DATA_DIR=\.\./shared/datasets/mnist"):
+        data.check_download_reachable("no-such-host.invalid", timeout=5)
+
+
 def test_tfds_failure_points_to_the_offline_source(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
 
     def no_network(*args, **kwargs):
         raise ConnectionError("Failed to establish a new connection")
 
+    monkeypatch.setattr(data, "check_download_reachable", lambda *a, **k: None)
     monkeypatch.setattr(tfds, "load", no_network)
     with pytest.raises(data.DataError, match=r"TFDS could not load 'mnist'.*--data-dir.*DATA_DIR"):
         data.load_mnist(None, tfds_data_dir=tmp_path)

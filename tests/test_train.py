@@ -120,9 +120,12 @@ def test_finished_run_is_not_resumed_and_no_resume_starts_over(trained_run, tmp_
     assert find_resumable_run(config) is None  # finished runs stay finished
 
 
-def test_tfds_source_trains_under_mock_data(tmp_path):
+def test_tfds_source_trains_under_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    from model import data
     from model.train import train_and_evaluate
+
+    monkeypatch.setattr(data, "check_download_reachable", lambda *a, **k: None)
 
     config = fixture_train_config(tmp_path / "runs", data_dir=None, validation_size=64, epochs=1,
                                   batch_size=64, hidden_units=(32,))
