@@ -95,7 +95,6 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description or (config_cls.__doc__ or "").strip().splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
     hints = typing.get_type_hints(config_cls)
