@@ -109,6 +109,53 @@ export: setup setup-tflite-runtime ## Export a run again: next SavedModel versio
 # ---------------------------------------------------------------------------------------------
 # Serve (issue 4)
 # ---------------------------------------------------------------------------------------------
+# TF Serving in Docker (serving/compose.yaml) or, where no Docker engine answers, the local
+# stand-in (python -m serving.server) with the same models.config, batching and metrics.
+TF_SERVING_TAG ?= 2.21.0
+GPU ?=
+SERVE_STATE := artifacts/serving-local
+COMPOSE := docker compose -f serving/compose.yaml
+COMPOSE_ENV := MODEL_BASE=$(abspath $(MODEL_BASE)) REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) TF_SERVING_TAG=$(TF_SERVING_TAG)
+USE_GPU := $(filter 1 true yes,$(GPU))
+
+.PHONY: serve serve-docker serve-local serve-stop query bench-serve
+serve: setup ## Serve MODEL_BASE: TF Serving in Docker if a Docker engine answers, else the local server
+	@if docker info >/dev/null 2>&1; then \
+	  echo "serve: a Docker engine answers: TF Serving in a container (make serve-docker)"; \
+	  $(MAKE) --no-print-directory serve-docker; \
+	else \
+	  echo "serve: no Docker engine answers (docker info failed): the local server (make serve-local)"; \
+	  $(MAKE) --no-print-directory serve-local; \
+	fi
+
+serve-docker: setup ## TF Serving container in the foreground (TF_SERVING_TAG=, GPU=1 for the -gpu image)
+	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine answers (docker info failed); try make serve-local" >&2; exit 1; }
+	$(PY) -m serving.docker_check --image tensorflow/serving:$(TF_SERVING_TAG)$(if $(USE_GPU),-gpu) --models-root $(MODEL_BASE)
+	$(COMPOSE_ENV) $(COMPOSE) $(if $(USE_GPU),--profile gpu up tfserving-gpu,up tfserving)
+
+serve-local: setup ## Local TF Serving stand-in in the foreground until Ctrl-C/SIGTERM (REST_PORT, GRPC_PORT, MODEL_BASE)
+	$(PY) -m serving.server --models-root $(MODEL_BASE) --rest-api-port $(REST_PORT) --port $(GRPC_PORT) --state-dir $(SERVE_STATE) $(ARGS)
+
+serve-stop: ## Stop what make serve started: the local server (SIGTERM via its pid file) and the container
+	@pidfile=$(SERVE_STATE)/server.pid; \
+	if [ ! -f $$pidfile ]; then echo "serve-stop: no local server ($$pidfile absent)"; \
+	else pid=$$(cat $$pidfile); \
+	  if ! kill -0 $$pid 2>/dev/null || ! grep -q serving.server /proc/$$pid/cmdline 2>/dev/null; then \
+	    echo "serve-stop: stale $$pidfile (process $$pid is not a local server): removing it"; rm -f $$pidfile; \
+	  else echo "serve-stop: SIGTERM to the local server (pid $$pid)"; kill -TERM $$pid; \
+	    for i in $$(seq 1 120); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+	    if kill -0 $$pid 2>/dev/null; then echo "error: pid $$pid still running after 60 s" >&2; exit 1; fi; \
+	    echo "serve-stop: the local server stopped"; \
+	  fi; \
+	fi
+	@if docker info >/dev/null 2>&1; then $(COMPOSE_ENV) $(COMPOSE) --profile gpu down; \
+	else echo "serve-stop: no Docker engine answers: no container to stop"; fi
+
+query: setup ## Ask the server: make query ARGS="status|metadata|predict FILE...|testset [--protocol grpc]"
+	$(PY) -m serving.query --rest-port $(REST_PORT) --grpc-port $(GRPC_PORT) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
+bench-serve: setup ## Benchmark the local server (REST/gRPC, batch 1/64, 1/8/32 clients) -> artifacts/bench/serve.json
+	$(PY) -m serving.bench --model-base $(MODEL_BASE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 # ---------------------------------------------------------------------------------------------
 # Raspberry Pi (issue 5)

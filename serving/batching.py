@@ -1,0 +1,264 @@
+"""Server-side batching: concurrent small requests run as one model call.
+
+The local server's counterpart of TF Serving's BatchingSession, driven by the same
+BatchingParameters file (serving/batching_parameters.txt):
+
+    request tasks --> queue per (version, signature, input dtypes and row shapes, outputs)
+    (REST coroutines    |  a worker thread takes the oldest task, then every task queued
+     and gRPC threads   |  behind it, up to max_batch_size rows (waiting at most
+     submit; each gets  |  batch_timeout_micros for more when the batch is not full)
+     a Future)          v
+                      concatenate along axis 0 [B, ...] -> pad to an allowed_batch_size
+                      -> one Session run in the worker thread -> split outputs by rows
+
+- num_batch_threads workers per queue run batches concurrently.
+- A task with more rows than max_batch_size is refused as TF Serving refuses it, unless
+  enable_large_batch_splitting, which runs it in pieces (max_execution_batch_size rows).
+- When max_enqueued_batches batches are already waiting, new tasks get UNAVAILABLE (clients
+  retry with backoff).
+- Unlike TF Serving, tasks whose rows differ in shape go to different queues instead of
+  failing together, and when a batch fails each of its tasks is re-run alone, so one bad
+  picture in a batch fails only its own request.
+- With batch_timeout_micros 0 (our default), a lone request runs at once; batches form
+  while the model is busy, which is what keeps single-client latency low.
+- Our addition: `arrival_wait` (ServeConfig --batch-arrival-wait-ms). When requests that the
+  server has already accepted are still being parsed on their way to a queue, a worker
+  waits for them (at most that long) before running a batch that is not full. A lone
+  client never waits (nothing else is arriving); 32 clients get batches of ~10-30 instead
+  of a stream of batches of one, each costing as much model time as a whole batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from serving import json_tensor as jt
+from serving.config_files import BatchingParameters
+
+RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class _Task:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class BatchQueue:
+    """Tasks that can share a model call, and the worker threads that run them."""
+
+    def __init__(self, run: RunFn, params: BatchingParameters,
+                 on_batch: Callable[[int, int], None] | None = None,
+                 arriving: Callable[[], int] = lambda: 0, arrival_wait: float = 0.0,
+                 name: str = "batch"):
+        self._run = run
+        self._params = params
+        self._on_batch = on_batch or (lambda rows, padded: None)
+        self._arriving = arriving
+        self._arrival_wait = arrival_wait
+        self._cond = threading.Condition()
+        self._pending: deque[_Task] = deque()
+        self._pending_rows = 0
+        self._running = 0  # batches being run right now (by workers or inline)
+        self._closed = False
+        self._threads = [threading.Thread(target=self._worker, name=f"{name}-{i}", daemon=True)
+                         for i in range(params.num_batch_threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Stop the workers; tasks still queued fail with UNAVAILABLE."""
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending), deque()
+            self._cond.notify_all()
+        for task in pending:
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(jt.ApiError("UNAVAILABLE", "the model version was unloaded"))
+
+    def submit(self, inputs: dict[str, np.ndarray], rows: int) -> Future:
+        """Queue one request's inputs (all with `rows` rows); a Future of its outputs.
+
+        Raises ApiError at once for a task that is too large or a full queue.
+        """
+        p = self._params
+        if rows > p.max_batch_size:
+            if not p.enable_large_batch_splitting:
+                raise jt.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}")
+            piece = min(p.max_execution_batch_size or p.max_batch_size, p.max_batch_size)
+            return _gather([self.submit({k: v[i : i + piece] for k, v in inputs.items()}, min(piece, rows - i))
+                            for i in range(0, rows, piece)])
+        task = _Task(inputs, rows, Future())
+        with self._cond:
+            if self._closed:
+                raise jt.ApiError("UNAVAILABLE", "the model version was unloaded")
+            if -(-(self._pending_rows + rows) // p.max_batch_size) > p.max_enqueued_batches:
+                raise jt.ApiError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
+            self._pending.append(task)
+            self._pending_rows += rows
+            self._cond.notify_all()
+        return task.future
+
+    def run_inline_if_idle(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
+        """Run a task in the calling thread when nothing else is queued, running or arriving.
+
+        For callers that are threads anyway (gRPC handlers): a lone request skips the two
+        thread hand-offs through a worker. Returns None (queue it instead) when the queue is
+        not idle, so batching under load is unchanged.
+        """
+        p = self._params
+        with self._cond:
+            if (self._pending or self._running or self._closed or rows > p.max_batch_size
+                    or p.allowed_batch_sizes or self._arriving() > 0):
+                return None
+            self._running += 1
+        try:
+            try:
+                outputs = self._run(inputs)
+            except jt.ApiError:
+                raise
+            except Exception as err:  # as the workers report it
+                raise jt.ApiError("INTERNAL", f"{type(err).__name__}: {err}") from err
+            self._on_batch(rows, rows)
+            return outputs
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    # -- workers -----------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Task]:
+        batch, size = [], 0
+        while self._pending and size + self._pending[0].rows <= self._params.max_batch_size:
+            task = self._pending.popleft()
+            self._pending_rows -= task.rows
+            if not task.future.set_running_or_notify_cancel():
+                continue  # the client gave up (timeout) while queued
+            batch.append(task)
+            size += task.rows
+        return batch
+
+    def _wait_until(self, deadline: float, more_expected: Callable[[], bool]) -> None:
+        while (self._pending and self._pending_rows < self._params.max_batch_size
+               and more_expected() and not self._closed):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _worker(self) -> None:
+        p = self._params
+        timeout = p.batch_timeout_micros / 1e6
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if timeout > 0:
+                    # Give the batch until its oldest task is `timeout` old to fill up.
+                    self._wait_until(self._pending[0].enqueued + timeout, lambda: True)
+                if self._arrival_wait > 0 and self._pending:
+                    # Wait, briefly, for requests already accepted and on their way here.
+                    self._wait_until(self._pending[0].enqueued + self._arrival_wait,
+                                     lambda: self._arriving() > 0)
+                batch = self._take_batch()
+                self._running += bool(batch)
+            if batch:
+                try:
+                    self._process(batch)
+                finally:
+                    with self._cond:
+                        self._running -= 1
+
+    def _process(self, batch: list[_Task]) -> None:
+        rows = sum(t.rows for t in batch)
+        padded = _padded_size(rows, self._params.allowed_batch_sizes)
+        try:
+            if len(batch) == 1:
+                merged = batch[0].inputs
+            else:
+                merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in batch[0].inputs}
+            if padded > rows:
+                # Pad by repeating the first row, as BatchingSession does.
+                merged = {k: np.concatenate([v, np.repeat(v[:1], padded - rows, axis=0)]) for k, v in merged.items()}
+            outputs = self._run(merged)
+            self._on_batch(rows, padded)
+            for name, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != padded:
+                    raise jt.invalid(
+                        f"Batched output tensor '{name}' has 0th dimension "
+                        f"{value.shape[0] if value.ndim else 'none'}, expected the batch size {padded}"
+                    )
+        except Exception as err:
+            if len(batch) > 1:
+                # Isolate the culprit: each task alone gets its own result or its own error.
+                for task in batch:
+                    self._process([task])
+                return
+            error = err if isinstance(err, jt.ApiError) else jt.ApiError("INTERNAL", f"{type(err).__name__}: {err}")
+            batch[0].future.set_exception(error)
+            return
+        start = 0
+        for task in batch:
+            task.future.set_result({k: v[start : start + task.rows] for k, v in outputs.items()})
+            start += task.rows
+
+
+def _gather(parts: list[Future]) -> Future:
+    """One Future for the pieces of a split task: outputs concatenated in order."""
+    whole: Future = Future()
+    whole.set_running_or_notify_cancel()
+    lock = threading.Lock()
+    remaining = [len(parts)]
+
+    def done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        for part in parts:
+            if part.exception() is not None:
+                whole.set_exception(part.exception())
+                return
+        results = [part.result() for part in parts]
+        whole.set_result({k: np.concatenate([r[k] for r in results]) for k in results[0]})
+
+    for part in parts:
+        part.add_done_callback(done)
+    return whole
+
+
+def _padded_size(rows: int, allowed: tuple[int, ...]) -> int:
+    for size in allowed:
+        if size >= rows:
+            return size
+    return rows
+
+
+def batch_rows(inputs: dict[str, Any]) -> int:
+    """The task size: every input's 0th dimension, which must agree (BatchingSession)."""
+    sizes = set()
+    for array in inputs.values():
+        if array.ndim == 0:
+            raise jt.invalid("Batching session Run() input tensors must have at least one dimension")
+        sizes.add(array.shape[0])
+    if len(sizes) != 1:
+        raise jt.invalid("Batching session Run() input tensors must have equal 0th-dimension size")
+    return sizes.pop()
+
+
+def queue_key(signature: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple:
+    """Tasks batch together only when they run the same signature with the same row shapes,
+    dtypes and outputs."""
+    return (signature, tuple(outputs),
+            tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(inputs.items())))

@@ -1,0 +1,332 @@
+"""Benchmark the local server: `make bench-serve` -> artifacts/bench/serve.json.
+
+    python -m serving.bench                                  # over artifacts/serving
+    python -m serving.bench --model-base /tmp/base --duration 10
+
+Starts the local server (python -m serving.server, with the kit's batching file) on free
+ports over --model-base, or, when that holds no version yet, over a fresh export of --run
+under artifacts/bench/serve-models. Then, for REST and gRPC, batch 1 and 64, with 1, 8
+and 32 concurrent clients, it sends requests for --duration seconds (after --warmup
+seconds that are not counted) and records per-request latency (p50, p99), requests/s,
+predictions/s, errors, and the CPU time each request cost the server and the load
+generator. Every answer is checked against the first answer for the same images, so a
+response that went to the wrong request counts as an error.
+
+The load generator is one process (aiohttp coroutines for REST, blocking gRPC stubs in
+threads; bodies and protos built once). It shares the machine's cores with the server, and
+on a shared machine with everyone else: the JSON records the load average before and
+after, and the CPU per request, so numbers from a busy machine can be read for what they are.
+The targets of the issue are evaluated in "targets" (reported, never asserted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from model import configlib, contract
+from model.configlib import ConfigError, field
+
+TARGETS = {"rest_p50_ms": 3.0, "grpc_p50_ms": 2.0, "predictions_per_s_32_clients": 1500.0}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark the local TF Serving stand-in over REST and gRPC."""
+
+    model_base: Path = field(Path("artifacts/serving"), "models root to serve (holds mnist/<version>)")
+    run: Path = field(Path("artifacts/runs/latest"), "run to export when --model-base has no version")
+    data_dir: Path = field(Path("tests/data"), "MNIST IDX folder the request images come from")
+    out: Path = field(Path("artifacts/bench/serve.json"), "where the results go")
+    protocols: tuple[str, ...] = field(("rest", "grpc"), "protocols to measure")
+    batch_sizes: tuple[int, ...] = field((1, 64), "images per request")
+    concurrency: tuple[int, ...] = field((1, 8, 32), "concurrent clients")
+    duration: float = field(4.0, "measured seconds per scenario")
+    warmup: float = field(1.0, "unmeasured seconds before each scenario")
+    timeout: float = field(30.0, "per-request timeout in seconds")
+    server_args: str = field("", "extra flags for python -m serving.server (one string)")
+
+    def validate(self) -> None:
+        if set(self.protocols) - {"rest", "grpc"}:
+            raise ConfigError(f"--protocols takes rest and/or grpc, got {self.protocols}")
+        if any(b < 1 for b in self.batch_sizes) or any(c < 1 for c in self.concurrency):
+            raise ConfigError("batch sizes and concurrency must be >= 1")
+        if self.duration <= 0 or self.warmup < 0:
+            raise ConfigError("--duration must be > 0 and --warmup >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Load generation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Tally:
+    latencies: list[float]
+    errors: int = 0
+    first_error: str = ""
+    requests: int = 0
+
+
+async def _rest_worker(session: Any, url: str, body: bytes, expected: list[int] | None,
+                       stop_at: float, tally: _Tally, timeout: float) -> list[int] | None:
+    import aiohttp
+
+    headers = {"Content-Type": "application/json"}
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                payload = await response.read()
+                ok = response.status == 200
+                if ok:
+                    digits = json.loads(payload)["outputs"][contract.OUTPUT_DIGIT]
+                    if expected is None:
+                        expected = digits
+                    ok = digits == expected
+                    detail = "an answer with other digits than before (a mixed-up response?)"
+                else:
+                    detail = f"HTTP {response.status}: {payload[:200]!r}"
+        except Exception as err:  # count every failure, keep going
+            ok, detail = False, f"{type(err).__name__}: {err}"
+        tally.latencies.append(time.perf_counter() - t0)
+        tally.requests += 1
+        if not ok:
+            tally.errors += 1
+            tally.first_error = tally.first_error or detail
+    return expected
+
+
+def _grpc_worker(stub: Any, request: Any, expected: list[int] | None, stop_at: float,
+                 tally: _Tally, timeout: float) -> list[int] | None:
+    # A blocking stub in a thread per client: grpc.aio's client spends several times more
+    # CPU per call, which would make the load generator, not the server, the bottleneck.
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        try:
+            response = stub.Predict(request, timeout=timeout)
+            digits = list(response.outputs[contract.OUTPUT_DIGIT].int64_val)
+            if expected is None:
+                expected = digits
+            ok, detail = digits == expected, "an answer with other digits than before (a mixed-up response?)"
+        except Exception as err:
+            ok, detail = False, f"{type(err).__name__}: {err}"
+        tally.latencies.append(time.perf_counter() - t0)
+        tally.requests += 1
+        if not ok:
+            tally.errors += 1
+            tally.first_error = tally.first_error or detail
+    return expected
+
+
+async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: int,
+                       concurrency: int, config: BenchConfig) -> dict[str, Any]:
+    """One (protocol, batch, concurrency) cell: warm-up, then `duration` measured seconds."""
+    # Each client sends its own images, so answers can be told apart.
+    batches = [images[(i * batch) % len(images):][:batch] for i in range(concurrency)]
+    batches = [b if len(b) == batch else images[:batch] for b in batches]
+    expected: list[list[int] | None] = [None] * concurrency
+
+    async def phase(seconds: float, tallies: list[_Tally]) -> None:
+        stop_at = time.perf_counter() + seconds
+        if protocol == "rest":
+            import aiohttp
+
+            url = f"{endpoint}/v1/models/{contract.MODEL_NAME}:predict"
+            bodies = [json.dumps({"signature_name": contract.SIGNATURE_PIXELS,
+                                  "inputs": {contract.INPUT_PIXELS: b.tolist()}}).encode() for b in batches]
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                results = await asyncio.gather(*[
+                    _rest_worker(session, url, bodies[i], expected[i], stop_at, tallies[i], config.timeout)
+                    for i in range(concurrency)])
+        else:
+            import grpc
+            from tensorflow.core.framework import tensor_pb2
+            from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+            from serving import tensor_proto
+
+            requests = []
+            for b in batches:
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = contract.MODEL_NAME
+                request.model_spec.signature_name = contract.SIGNATURE_PIXELS
+                request.inputs[contract.INPUT_PIXELS].CopyFrom(tensor_proto.from_ndarray(b, tensor_pb2.TensorProto))
+                requests.append(request)
+            from concurrent.futures import ThreadPoolExecutor
+
+            loop = asyncio.get_running_loop()
+            channels = [grpc.insecure_channel(endpoint) for _ in range(min(concurrency, 4))]
+            stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+            try:
+                with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                    results = await asyncio.gather(*[
+                        loop.run_in_executor(pool, _grpc_worker, stubs[i % len(stubs)], requests[i],
+                                             expected[i], stop_at, tallies[i], config.timeout)
+                        for i in range(concurrency)])
+            finally:
+                for channel in channels:
+                    channel.close()
+        for i, digits in enumerate(results):
+            expected[i] = expected[i] or digits
+
+    await phase(config.warmup, [_Tally([]) for _ in range(concurrency)])
+    tallies = [_Tally([]) for _ in range(concurrency)]
+    started = time.perf_counter()
+    await phase(config.duration, tallies)
+    elapsed = time.perf_counter() - started
+    latencies = np.concatenate([np.asarray(t.latencies) for t in tallies]) * 1e3
+    requests = sum(t.requests for t in tallies)
+    errors = sum(t.errors for t in tallies)
+    return {
+        "protocol": protocol, "batch": batch, "concurrency": concurrency,
+        "requests": requests, "errors": errors,
+        "first_error": next((t.first_error for t in tallies if t.first_error), ""),
+        "seconds": round(elapsed, 3),
+        "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 3),
+                       "p99": round(float(np.percentile(latencies, 99)), 3),
+                       "mean": round(float(latencies.mean()), 3)},
+        "requests_per_s": round(requests / elapsed, 1),
+        "predictions_per_s": round(requests * batch / elapsed, 1),
+    }
+
+
+def evaluate_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets against the measured cells (None when a cell was not run)."""
+    def cell(protocol: str, batch: int, concurrency: int) -> dict[str, Any] | None:
+        return next((r for r in results if (r["protocol"], r["batch"], r["concurrency"]) == (protocol, batch, concurrency)), None)
+
+    out: dict[str, Any] = {}
+    for protocol in ("rest", "grpc"):
+        single = cell(protocol, 1, 1)
+        limit = TARGETS[f"{protocol}_p50_ms"]
+        out[f"{protocol}_single_image_p50_ms"] = None if single is None else {
+            "value": single["latency_ms"]["p50"], "target": f"< {limit}",
+            "met": single["latency_ms"]["p50"] < limit and single["errors"] == 0}
+        loaded = cell(protocol, 1, 32)
+        need = TARGETS["predictions_per_s_32_clients"]
+        out[f"{protocol}_32_clients_single_image_predictions_per_s"] = None if loaded is None else {
+            "value": loaded["predictions_per_s"], "errors": loaded["errors"],
+            "target": f">= {need:.0f} with no error",
+            "met": loaded["predictions_per_s"] >= need and loaded["errors"] == 0}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+def ensure_model_base(config: BenchConfig, log: Any = print) -> Path:
+    """--model-base when it holds a version, else a fresh export of --run (returns the root)."""
+    from serving.model_manager import numeric_versions
+
+    if numeric_versions(Path(config.model_base) / contract.MODEL_NAME):
+        return Path(config.model_base)
+    run = Path(config.run)
+    if not (run / contract.RUN_MODEL_FILE).is_file():
+        raise SystemExit(f"error: {config.model_base} holds no {contract.MODEL_NAME} version and {run} "
+                         f"holds no {contract.RUN_MODEL_FILE} to export; train first (make train) or "
+                         f"pass --model-base")
+    root = Path(config.out).parent / "serve-models"
+    if numeric_versions(root / contract.MODEL_NAME):
+        return root
+    log(f"exporting {run} to {root} for the benchmark")
+    import keras
+
+    from export.saved_model import export_saved_model
+    from model import idx
+
+    test = idx.load_split(config.data_dir, "test")
+    metrics = json.loads((run / contract.RUN_METRICS_FILE).read_text()) if (run / contract.RUN_METRICS_FILE).exists() else {}
+    export_saved_model(keras.models.load_model(run / contract.RUN_MODEL_FILE), root / contract.MODEL_NAME,
+                       test.images, test.labels, metrics, min_accuracy=0.0, max_regression=1.0,
+                       cli_check=False, log=log)
+    return root
+
+
+def _process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
+    """Start the server, measure every cell, write config.out; the results dict."""
+    import shlex
+
+    from model import idx
+    from serving.process import LocalServerProcess
+
+    root = ensure_model_base(config, log)
+    images = idx.load_split(config.data_dir, "test").images[:512]
+    out = Path(config.out)
+    server = LocalServerProcess(root, out.parent / "serve-server.log",
+                                args=shlex.split(config.server_args), state_dir=out.parent / "serve-state")
+    load_before = os.getloadavg()
+    results = []
+    with server:
+        log(f"server pid {server.proc.pid}: REST {server.rest_url}, gRPC {server.grpc_target}")
+        for protocol in config.protocols:
+            endpoint = server.rest_url if protocol == "rest" else server.grpc_target
+            for batch in config.batch_sizes:
+                for concurrency in config.concurrency:
+                    server_cpu, client_cpu = _process_cpu(server.proc.pid), _own_cpu()
+                    cell = asyncio.run(run_scenario(protocol, endpoint, images, batch, concurrency, config))
+                    # CPU seconds per request (warm-up included), for both sides: what the
+                    # throughput costs, whatever share of the machine others left us.
+                    total = cell["requests"] * (config.duration + config.warmup) / config.duration
+                    if server_cpu is not None:
+                        cell["server_cpu_ms_per_request"] = round((_process_cpu(server.proc.pid) - server_cpu) / total * 1e3, 3)
+                    cell["client_cpu_ms_per_request"] = round((_own_cpu() - client_cpu) / total * 1e3, 3)
+                    results.append(cell)
+                    log(f"{protocol:4s} batch {batch:3d} x {concurrency:2d} clients: "
+                        f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
+                        f"{cell['predictions_per_s']:8.0f} predictions/s  errors {cell['errors']}  "
+                        f"CPU/request server {cell.get('server_cpu_ms_per_request', float('nan')):.2f} ms "
+                        f"client {cell['client_cpu_ms_per_request']:.2f} ms")
+        exit_status = server.stop()
+    report = {
+        "results": results,
+        "targets": evaluate_targets(results),
+        "server": {"models_root": str(root), "args": server.command()[2:], "exit_status_after_sigterm": exit_status},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": config,
+    }
+    configlib.write_json_atomic(out, report)
+    log(f"wrote {out}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = configlib.parse_config(BenchConfig, argv, prog="python -m serving.bench")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    report = run_benchmark(config)
+    for name, target in report["targets"].items():
+        if target is not None:
+            print(f"  {name}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,709 @@
+"""TF Serving's REST JSON <-> numpy tensors, following tensorflow_serving/util/json_tensor.cc.
+
+Pure Python + numpy (no TensorFlow): the local server uses it to read `:predict` bodies and
+write responses exactly as TF Serving does, and the tests use it to build requests.
+
+Request (`FillPredictRequestFromJson`):
+
+    {"signature_name": "...",            optional, must be a string
+     "instances": [...]}                 row format: one element per batch item; a single
+                                         input as plain values, several as objects by name
+     or "inputs": <value|list|object>    columnar: the whole tensor, or an object by name
+
+Each input's dtype comes from the signature; the tensor's shape comes from the JSON nesting
+(the first element at each level fixes that level's size; every other element must match).
+A string tensor takes JSON strings or `{"b64": "..."}` objects. Values are checked as
+rapidjson checks them: integer dtypes take integer tokens that fit int32 (int64/uint32/uint64
+their own range), floats take any number that converts without loss, bools take true/false.
+
+Response (`MakeJsonFromTensors`): row requests get `{"predictions": ...}`, columnar ones
+`{"outputs": ...}`; with one output tensor its name is omitted, with several each batch item
+(row) or the whole output (columnar) is an object keyed by output name. Floats are written
+as TF Serving writes them (6 significant digits if that round-trips, else 9 for float32 / 17
+for float64, a trailing ".0" on whole numbers, NaN/Infinity tokens); DT_STRING outputs whose
+name ends in "_bytes" are written as {"b64": ...}.
+
+Errors are `ApiError`s carrying TF Serving's status code and message text (see
+serving/COMPATIBILITY.md for the table of mirrored behaviours and the tests that pin them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+try:  # optional accelerator (the `serve` extra pins it); the json module is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - exercised where orjson is not installed
+    _orjson = None
+
+# --------------------------------------------------------------------------------------------
+# Status codes (tensorflow/core/protobuf/error_codes.proto) and their HTTP mapping
+# (tensorflow_serving/model_servers/http_server.cc ToHTTPStatusCode).
+# --------------------------------------------------------------------------------------------
+CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+CODE_NAMES = {v: k for k, v in CODES.items()}
+HTTP_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
+
+
+class ApiError(Exception):
+    """A failed request: a TF status code name ("INVALID_ARGUMENT", ...) and its message."""
+
+    def __init__(self, code: str, message: str, http_status: int | None = None):
+        super().__init__(message)
+        if code not in CODES:
+            raise ValueError(f"unknown status code {code!r}")
+        self.code = code
+        self.message = message
+        self._http_status = http_status  # when HTTP has a more precise answer than the mapping
+
+    @property
+    def http_status(self) -> int:
+        return self._http_status or HTTP_STATUS[self.code]
+
+    def __str__(self) -> str:  # absl::Status::ToString()
+        return f"{self.code}: {self.message}"
+
+
+def invalid(*parts: Any) -> ApiError:
+    return ApiError("INVALID_ARGUMENT", "".join(str(p) for p in parts))
+
+
+# --------------------------------------------------------------------------------------------
+# DataType (tensorflow/core/framework/types.proto): enum value -> (DataTypeString, numpy dtype)
+# --------------------------------------------------------------------------------------------
+DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = 1, 2, 3, 4, 5, 6, 7
+DT_INT64, DT_BOOL, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = 9, 10, 17, 19, 22, 23
+
+DTYPES: dict[int, tuple[str, Any]] = {
+    DT_FLOAT: ("float", np.float32),
+    DT_DOUBLE: ("double", np.float64),
+    DT_INT32: ("int32", np.int32),
+    DT_UINT8: ("uint8", np.uint8),
+    DT_INT16: ("int16", np.int16),
+    DT_INT8: ("int8", np.int8),
+    DT_STRING: ("string", object),
+    DT_INT64: ("int64", np.int64),
+    DT_BOOL: ("bool", np.bool_),
+    DT_UINT16: ("uint16", np.uint16),
+    DT_HALF: ("half", np.float16),
+    DT_UINT32: ("uint32", np.uint32),
+    DT_UINT64: ("uint64", np.uint64),
+}
+DTYPE_ENUM_NAMES = {
+    DT_FLOAT: "DT_FLOAT", DT_DOUBLE: "DT_DOUBLE", DT_INT32: "DT_INT32", DT_UINT8: "DT_UINT8",
+    DT_INT16: "DT_INT16", DT_INT8: "DT_INT8", DT_STRING: "DT_STRING", DT_INT64: "DT_INT64",
+    DT_BOOL: "DT_BOOL", DT_UINT16: "DT_UINT16", DT_HALF: "DT_HALF", DT_UINT32: "DT_UINT32",
+    DT_UINT64: "DT_UINT64",
+}
+_NUMPY_TO_DT = {
+    np.dtype(np.float32): DT_FLOAT, np.dtype(np.float64): DT_DOUBLE,
+    np.dtype(np.int32): DT_INT32, np.dtype(np.uint8): DT_UINT8, np.dtype(np.int16): DT_INT16,
+    np.dtype(np.int8): DT_INT8, np.dtype(np.int64): DT_INT64, np.dtype(np.bool_): DT_BOOL,
+    np.dtype(np.uint16): DT_UINT16, np.dtype(np.float16): DT_HALF,
+    np.dtype(np.uint32): DT_UINT32, np.dtype(np.uint64): DT_UINT64,
+}
+
+
+def dtype_string(dt: int) -> str:
+    """DataTypeString(dt): 'uint8', 'float', ... ('unknown dtype enum N' when unsupported)."""
+    return DTYPES[dt][0] if dt in DTYPES else f"unknown dtype enum {dt}"
+
+
+def dtype_of_array(array: np.ndarray) -> int:
+    """The DataType enum value of a numpy array (object / bytes / str arrays -> DT_STRING)."""
+    if array.dtype == object or array.dtype.kind in "SU":
+        return DT_STRING
+    try:
+        return _NUMPY_TO_DT[array.dtype]
+    except KeyError:
+        raise invalid(f"numpy dtype {array.dtype} has no TensorFlow Serving equivalent") from None
+
+
+# --------------------------------------------------------------------------------------------
+# JSON values, as rapidjson types them
+# --------------------------------------------------------------------------------------------
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
+FLT_MAX = float(np.finfo(np.float32).max)
+DBL_MAX = float(np.finfo(np.float64).max)
+# Largest integer each float type holds exactly: (1 << digits) - 1.
+_MAX_EXACT_INT = {DT_FLOAT: 2**24 - 1, DT_DOUBLE: 2**53 - 1, DT_HALF: 2**11 - 1}
+
+# Error messages echo the offending JSON; TF Serving echoes all of it, we cut it here so a
+# megabyte request cannot produce a megabyte error body.
+MAX_ECHO_CHARS = 1000
+
+
+def _is_int_token(v: Any) -> bool:
+    # Python's json gives int for integer tokens; bool is an int subclass, but not a number.
+    return type(v) is int
+
+
+def _fits_uint64_or_int64(v: int) -> bool:
+    return INT64_MIN <= v <= UINT64_MAX
+
+
+def json_type_string(v: Any) -> str:
+    """rapidjson's type name of a parsed JSON value (JsonTypeString)."""
+    if v is None:
+        return "Null"
+    if v is True:
+        return "True"
+    if v is False:
+        return "False"
+    if isinstance(v, dict):
+        return "Object"
+    if isinstance(v, list):
+        return "Array"
+    if isinstance(v, str):
+        return "String"
+    return "Number"
+
+
+def format_decimal(value: float, double: bool = False) -> str:
+    """One float as TF Serving's WriteDecimal writes it.
+
+    "%g" with 6 significant digits when that parses back to the same value, else
+    max_digits10 (9 for float32, 17 for float64); whole numbers not in exponent form get
+    ".0"; non-finite values become NaN / Infinity / -Infinity.
+    """
+    v = float(value)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "-Infinity" if v < 0 else "Infinity"
+    text = "%.6g" % v
+    if double:
+        if float(text) != v:
+            text = "%.17g" % v
+    elif np.float32(text) != np.float32(v):
+        text = "%.9g" % v
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text
+
+
+def format_floats(values: np.ndarray) -> list[str]:
+    """format_decimal over a whole float array, with numpy doing the round-trip checks."""
+    flat = np.asarray(values).reshape(-1)
+    double = flat.dtype == np.float64
+    as_float = flat.astype(np.float64).tolist()
+    texts = ["%.6g" % v for v in as_float]
+    finite = np.isfinite(flat)
+    with np.errstate(all="ignore"):
+        parsed = np.array(texts, dtype=np.float64 if double else np.float32)
+    long_form = "%.17g" if double else "%.9g"
+    for i in np.flatnonzero((parsed != flat) & finite).tolist():
+        texts[i] = long_form % as_float[i]
+    for i in np.flatnonzero(~finite).tolist():
+        texts[i] = format_decimal(as_float[i], double)
+    for i, text in enumerate(texts):
+        if "." not in text and "e" not in text and finite[i]:
+            texts[i] = text + ".0"
+    return texts
+
+
+def _dump_value(v: Any, indent: int, level: int) -> str:
+    """rapidjson PrettyWriter-like rendering of a JSON value (used to echo it in errors)."""
+    pad = " " * (indent * (level + 1))
+    end = " " * (indent * level)
+    if isinstance(v, dict):
+        if not v:
+            return "{}"
+        items = [f'{pad}{json.dumps(k)}: {_dump_value(x, indent, level + 1)}' for k, x in v.items()]
+        return "{\n" + ",\n".join(items) + "\n" + end + "}"
+    if isinstance(v, list):
+        if not v:
+            return "[]"
+        return "[\n" + ",\n".join(pad + _dump_value(x, indent, level + 1) for x in v) + "\n" + end + "]"
+    if type(v) is float:
+        return format_decimal(v, double=True)
+    return json.dumps(v, ensure_ascii=False)
+
+
+def json_value_to_string(v: Any) -> str:
+    """JsonValueToString: the value pretty-printed (4-space indent), cut at MAX_ECHO_CHARS."""
+    text = _dump_value(v, 4, 0)
+    if len(text) > MAX_ECHO_CHARS:
+        text = text[:MAX_ECHO_CHARS] + "...(truncated)"
+    return text
+
+
+def _type_error(v: Any, dt: int) -> ApiError:
+    return invalid("JSON Value: ", json_value_to_string(v), " Type: ", json_type_string(v),
+                   " is not of expected type: ", dtype_string(dt))
+
+
+def _format_error(v: Any, *parts: Any) -> ApiError:
+    return invalid("JSON Value: ", json_value_to_string(v), " ", *parts)
+
+
+def _lossless(v: Any, dt: int) -> bool:
+    """IsLosslessDecimal<T>: does this JSON number convert to float/double without loss?"""
+    as_double = float(v) if not _is_int_token(v) or abs(v) < 2**1023 else math.inf
+    if not math.isfinite(as_double):
+        return True
+    if _is_int_token(v) and _fits_uint64_or_int64(v):
+        return abs(v) <= _MAX_EXACT_INT[dt]
+    limit = FLT_MAX if dt == DT_FLOAT else (65504.0 if dt == DT_HALF else DBL_MAX)
+    return -limit <= as_double <= limit
+
+
+def _is_b64_object(v: Any) -> bool:
+    """{"b64": "<string>"} with exactly that one key (IsValBase64Object)."""
+    return isinstance(v, dict) and len(v) == 1 and isinstance(v.get("b64"), str)
+
+
+def _b64_decode(v: Any) -> bytes:
+    if not _is_b64_object(v):
+        raise invalid("JSON Value: ", json_value_to_string(v), " not formatted correctly for base64 data")
+    text = v["b64"]
+    try:
+        # absl::Base64Unescape accepts missing padding; Python's decoder wants it.
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("Unable to base64 decode") from None
+
+
+def _convert_scalar(v: Any, dt: int) -> Any:
+    """AddValueToTensor: one JSON leaf -> a Python value for dtype `dt`, or ApiError."""
+    if isinstance(v, dict):
+        if dt == DT_STRING:
+            return _b64_decode(v)
+        raise _type_error(v, dt)
+    if dt in (DT_FLOAT, DT_DOUBLE, DT_HALF):
+        if not (_is_int_token(v) or type(v) is float):
+            raise _type_error(v, dt)
+        if not _lossless(v, dt):
+            target = "float" if dt == DT_FLOAT else dtype_string(dt)
+            raise invalid("Cannot convert JSON value: ", json_value_to_string(v), " to ", target,
+                          " without loss of precision.")
+        return float(v)
+    if dt in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
+        # rapidjson IsInt(): an integer token within int32. The value is then narrowed by a
+        # C++ cast (TF's Tensor::FromProto), so 300 sent to uint8 arrives as 44, as in TF Serving.
+        if not (_is_int_token(v) and INT32_MIN <= v <= INT32_MAX):
+            raise _type_error(v, dt)
+        return v
+    if dt == DT_INT64:
+        if not (_is_int_token(v) and INT64_MIN <= v <= INT64_MAX):
+            raise _type_error(v, dt)
+        return v
+    if dt == DT_UINT32:
+        if not (_is_int_token(v) and 0 <= v <= UINT32_MAX):
+            raise _type_error(v, dt)
+        return v
+    if dt == DT_UINT64:
+        if not (_is_int_token(v) and 0 <= v <= UINT64_MAX):
+            raise _type_error(v, dt)
+        return v
+    if dt == DT_BOOL:
+        if type(v) is not bool:
+            raise _type_error(v, dt)
+        return v
+    if dt == DT_STRING:
+        if not isinstance(v, str):
+            raise _type_error(v, dt)
+        return v.encode("utf-8")
+    raise ApiError("UNIMPLEMENTED", f"Conversion of JSON Value: {json_value_to_string(v)} to type: {dtype_string(dt)}")
+
+
+MAX_RANK = 32  # numpy's limit is 64; a row tensor gets one more (batch) dimension
+
+
+def _dense_shape(v: Any) -> list[int]:
+    """GetDenseTensorShape: sizes along the first element of each nesting level."""
+    shape = []
+    while isinstance(v, list):
+        shape.append(len(v))
+        if len(shape) > MAX_RANK:
+            raise invalid(f"JSON Value nests more than {MAX_RANK} levels deep: tensors of that rank are not served here")
+        if not v:
+            break
+        v = v[0]
+    return shape
+
+
+def _fill(v: Any, level: int, shape: list[int], dt: int, out: list) -> None:
+    """FillTensorProto: walk the DOM, check every level's size, collect leaves into `out`."""
+    rank = len(shape)
+    if not isinstance(v, list):
+        if level != rank:
+            raise invalid("JSON Value: ", json_value_to_string(v), " found at incorrect level: ",
+                          level + 1, " in the JSON DOM. Expected at level: ", rank)
+        out.append(_convert_scalar(v, dt))
+        return
+    if level >= rank:
+        raise invalid("Encountered list at unexpected level: ", level, " expected < ", rank)
+    if len(v) != shape[level]:
+        raise invalid("Encountered list at unexpected size: ", len(v), " at level: ", level,
+                      " expected size: ", shape[level])
+    for item in v:
+        _fill(item, level + 1, shape, dt, out)
+
+
+def _to_array(values: list, shape: list[int], dt: int) -> np.ndarray:
+    np_dtype = DTYPES[dt][1]
+    if dt == DT_STRING:
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array.reshape(shape)
+    if dt in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
+        # Values are int32 here; narrow with C-style wrap-around, as TF's cast does.
+        return np.asarray(values, dtype=np.int64).astype(np_dtype).reshape(shape)
+    if dt == DT_UINT64:
+        return np.asarray(values, dtype=np.uint64).reshape(shape)
+    return np.asarray(values, dtype=np_dtype).reshape(shape)
+
+
+def _tensor_from_value(v: Any, dt: int, may_have_bools: bool = True) -> np.ndarray:
+    """One whole tensor from its JSON value (columnar input, or one row item)."""
+    fast = _fast_numeric(v, dt, may_have_bools)
+    if fast is not None:
+        return fast
+    shape = _dense_shape(v)
+    values: list = []
+    _fill(v, 0, shape, dt, values)
+    return _to_array(values, shape, dt)
+
+
+def _fast_numeric(v: Any, dt: int, may_have_bools: bool = True) -> np.ndarray | None:
+    """numpy's own parser for the common case (rectangular lists of plain numbers).
+
+    Returns None whenever the slow path must decide (ragged lists, objects, strings, bools,
+    out-of-range values), so the fast path never accepts what TF Serving would refuse.
+    `may_have_bools=False` (the body holds no `true`/`false` token) skips the bool scan:
+    numpy would silently read true as 1.
+    """
+    if dt == DT_STRING or not isinstance(v, list) or not v:
+        return None
+    if may_have_bools and not _has_no_bools(v):
+        return None
+    try:
+        array = np.array(v)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    kind = array.dtype.kind
+    if array.size == 0 or kind not in "if" or array.ndim > MAX_RANK:
+        return None  # bools come out as 'b' (all bools) or would need the slow path anyway
+    if dt in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
+        if kind != "i" or array.min() < INT32_MIN or array.max() > INT32_MAX:
+            return None
+        return array.astype(DTYPES[dt][1])
+    if dt in (DT_FLOAT, DT_DOUBLE, DT_HALF):
+        if kind == "i":
+            limit = _MAX_EXACT_INT[dt]
+            if array.min() < -limit or array.max() > limit:
+                return None
+        else:
+            finite = array[np.isfinite(array)]
+            limit = FLT_MAX if dt == DT_FLOAT else (65504.0 if dt == DT_HALF else DBL_MAX)
+            if finite.size and (finite.min() < -limit or finite.max() > limit):
+                return None
+        return array.astype(DTYPES[dt][1])
+    if dt == DT_INT64 and kind == "i":
+        return array.astype(np.int64)
+    return None
+
+
+def _has_no_bools(v: Any) -> bool:
+    """True when the nested list holds no JSON true/false (numpy would turn them into 1/0)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if type(x) is bool:
+            return False
+        if isinstance(x, list):
+            if x and not isinstance(x[0], list):
+                if bool in set(map(type, x)):
+                    return False
+            else:
+                stack.extend(x)
+    return True
+
+
+def may_hold_bools(body: bytes | str) -> bool:
+    """False when a request body cannot contain a JSON true/false token."""
+    if isinstance(body, str):
+        return "true" in body or "false" in body
+    return b"true" in body or b"false" in body
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+ROW, COLUMNAR = "row", "columnar"
+
+
+def parse_json(body: bytes | str) -> dict:
+    """ParseJson: the request body as a JSON object, or INVALID_ARGUMENT as TF Serving says it."""
+    if not body:
+        raise invalid("JSON Parse error: The document is empty")
+    if _orjson is not None:
+        # Strict JSON, 3-4x faster; anything it refuses (NaN/Infinity tokens, huge integers,
+        # errors) goes to the standard parser, which decides and words the error.
+        try:
+            doc = _orjson.loads(body)
+        except _orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict):
+            return doc
+    try:
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+        doc = json.loads(text)  # NaN / Infinity / -Infinity accepted, as kParseNanAndInfFlag
+    except UnicodeDecodeError as err:
+        raise invalid(f"JSON Parse error: Invalid encoding in string. at offset: {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise invalid(f"JSON Parse error: {err.msg} at offset: {err.pos}") from None
+    except RecursionError:
+        raise invalid("JSON Parse error: The document nests too deeply") from None
+    if not isinstance(doc, dict):
+        raise _format_error(doc, "Is not object")
+    return doc
+
+
+def signature_name_of(doc: dict) -> str:
+    """FillSignature: the optional 'signature_name' ('' when absent)."""
+    if "signature_name" not in doc:
+        return ""
+    name = doc["signature_name"]
+    if not isinstance(name, str):
+        raise invalid("JSON Value: ", json_value_to_string(doc),
+                      " not formatted correctly. 'signature_name' key must be a string value.")
+    return name
+
+
+@dataclass
+class PredictInputs:
+    """A parsed :predict body: the tensors by input name and the request format."""
+
+    signature_name: str
+    tensors: dict[str, np.ndarray]
+    format: str  # ROW or COLUMNAR
+
+
+def fill_predict_request(
+    doc: dict, input_dtypes: Callable[[str], Mapping[str, int]], may_have_bools: bool = True,
+) -> PredictInputs:
+    """FillPredictRequestFromJson.
+
+    Args:
+      doc: the parsed body (parse_json).
+      input_dtypes: signature name ('' = default) -> {input name: DataType enum}; raises
+        ApiError when the model, version or signature is unknown (the handler's GetInfoMap).
+      may_have_bools: False when the body has no true/false token (may_hold_bools), which
+        lets large numeric inputs skip a scan.
+    Returns the input tensors (numpy) and the format the response must use.
+    """
+    try:
+        return _fill_predict_request(doc, input_dtypes, may_have_bools)
+    except RecursionError:
+        raise invalid("JSON Value nests too deeply to be a tensor") from None
+
+
+def _fill_predict_request(doc: dict, input_dtypes: Callable[[str], Mapping[str, int]],
+                          may_have_bools: bool) -> PredictInputs:
+    signature_name = signature_name_of(doc)
+    infos = dict(input_dtypes(signature_name))
+    if not infos:
+        raise invalid("Failed to get input map for signature: ", signature_name or "DEFAULT")
+    has_instances, has_inputs = "instances" in doc, "inputs" in doc
+    if has_instances and has_inputs:
+        raise _format_error(doc, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist ")
+    if has_instances:
+        instances = doc["instances"]
+        if not isinstance(instances, list):
+            raise _format_error(doc, "Excepting 'instances' to be an list/array")
+        if not instances:
+            raise _format_error(doc, "No values in 'instances' array")
+        return PredictInputs(signature_name, _from_instances(instances, infos, may_have_bools), ROW)
+    if has_inputs:
+        return PredictInputs(signature_name, _from_inputs(doc["inputs"], infos, may_have_bools), COLUMNAR)
+    raise invalid("Missing 'inputs' or 'instances' key")
+
+
+def _is_element_object(v: Any) -> bool:
+    return isinstance(v, dict) and not _is_b64_object(v)
+
+
+def _from_instances(instances: list, infos: dict[str, int], may_have_bools: bool = True) -> dict[str, np.ndarray]:
+    """FillTensorMapFromInstancesList: rows -> one batched tensor per input."""
+    if not isinstance(instances[0], dict) and len(infos) > 1:
+        raise invalid("instances is a plain list, but expecting list of objects as multiple "
+                      "input tensors required as per tensorinfo_map")
+    objects = _is_element_object(instances[0])
+    if not objects:
+        # One unnamed input: try numpy on the whole list at once, then TF Serving's walk.
+        (name, dt), = infos.items()
+        fast = _fast_numeric(instances, dt, may_have_bools)
+        if fast is not None:
+            return {name: fast}
+    names = sorted(infos)
+    rows: dict[str, list[np.ndarray]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, element in enumerate(instances):
+        if objects:
+            if not _is_element_object(element):
+                raise invalid("Expecting object but got list at item ", index, " of input list")
+            for key, value in element.items():
+                try:
+                    _add_instance_item(value, key, infos, rows, shapes)
+                except ApiError as err:
+                    raise invalid("Failed to process element: ", index, " key: ", key,
+                                  " of 'instances' list. Error: ", err) from None
+            if set(element) != set(names):
+                raise invalid("Failed to process element: ", index, " of 'instances' list. JSON object: ",
+                              json_value_to_string(element), " must only have keys: ", ",".join(names))
+        else:
+            if _is_element_object(element):
+                raise invalid("Expecting value/list but got object at item ", index, " of input list")
+            name = next(iter(infos))
+            try:
+                _add_instance_item(element, name, infos, rows, shapes)
+            except ApiError as err:
+                raise invalid("Failed to process element: ", index,
+                              " of 'instances' list. Error: ", err) from None
+    return {name: np.stack(items) for name, items in rows.items()}
+
+
+def _add_instance_item(value: Any, name: str, infos: dict[str, int],
+                       rows: dict[str, list[np.ndarray]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """AddInstanceItem: one row of one named input; all rows must share size and shape."""
+    if name not in infos:
+        raise invalid("JSON object: does not have named input: ", name)
+    shape = _dense_shape(value)
+    values: list = []
+    _fill(value, 0, shape, infos[name], values)
+    item = _to_array(values, shape, infos[name])
+    if name not in shapes:
+        shapes[name] = item.shape
+    elif int(np.prod(shapes[name])) != item.size:
+        raise invalid("Expecting tensor size: ", int(np.prod(shapes[name])), " but got: ", item.size)
+    elif shapes[name] != item.shape:
+        raise invalid("Expecting shape [", ",".join(map(str, shapes[name])), "] but got: [",
+                      ",".join(map(str, item.shape)), "]")
+    rows.setdefault(name, []).append(item)
+
+
+def _from_inputs(value: Any, infos: dict[str, int], may_have_bools: bool = True) -> dict[str, np.ndarray]:
+    """FillTensorMapFromInputsMap: columnar 'inputs'."""
+    if not isinstance(value, dict) or _is_b64_object(value):
+        if len(infos) > 1:
+            raise invalid("inputs is a plain value/list, but expecting an object as multiple "
+                          "input tensors required as per tensorinfo_map")
+        (name, dt), = infos.items()
+        return {name: _tensor_from_value(value, dt, may_have_bools)}
+    tensors = {}
+    for name in sorted(infos):
+        if name not in value:
+            raise invalid("Missing named input: ", name, " in 'inputs' object.")
+        tensors[name] = _tensor_from_value(value[name], infos[name], may_have_bools)
+    return tensors  # keys that no input has are ignored, as TF Serving ignores them
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+def _leaf_writer(name: str, array: np.ndarray) -> Callable[[Any], str]:
+    kind = array.dtype.kind
+    if kind == "f":
+        double = array.dtype == np.float64
+        return lambda x: format_decimal(x, double)
+    if kind == "b":
+        return lambda x: "true" if x else "false"
+    if kind in "iu":
+        return lambda x: str(int(x))
+    if array.dtype == object or kind in "SU":
+        as_bytes = name.endswith("_bytes")
+
+        def write(x: Any) -> str:
+            raw = x if isinstance(x, bytes) else str(x).encode("utf-8")
+            if as_bytes:
+                return '{"b64": "' + base64.b64encode(raw).decode("ascii") + '"}'
+            return json.dumps(raw.decode("utf-8", errors="replace"), ensure_ascii=False)
+
+        return write
+    raise invalid("Failed to write JSON value for tensor type: ", array.dtype)
+
+
+def _write_nested(array: np.ndarray, leaf: Callable[[Any], str]) -> str:
+    """A tensor as nested JSON arrays on one line ("[1, 2], [3, 4]" style, as rapidjson's
+    single-line array format)."""
+    if array.dtype.kind == "f":
+        texts = np.array(format_floats(array), dtype=object).reshape(array.shape)
+        return _write_texts(texts)
+    if array.ndim == 0:
+        return leaf(array.item() if array.dtype != object else array[()])
+    if array.ndim == 1:
+        items = array.tolist() if array.dtype != object else list(array)
+        return "[" + ", ".join(leaf(x) for x in items) + "]"
+    return "[" + ", ".join(_write_nested(sub, leaf) for sub in array) + "]"
+
+
+def _write_texts(texts: np.ndarray) -> str:
+    if texts.ndim == 0:
+        return texts[()]
+    if texts.ndim == 1:
+        return "[" + ", ".join(texts.tolist()) + "]"
+    return "[" + ", ".join(_write_texts(sub) for sub in texts) + "]"
+
+
+def make_json_from_tensors(outputs: Mapping[str, np.ndarray], fmt: str) -> str:
+    """MakeJsonFromTensors: output tensors -> the response body (row or columnar)."""
+    if not outputs:
+        raise invalid("Cannot convert empty tensor map to JSON")
+    names = sorted(outputs)
+    writers = {n: _leaf_writer(n, outputs[n]) for n in names}
+    if fmt == COLUMNAR:
+        if len(names) == 1:
+            body = _write_nested(outputs[names[0]], writers[names[0]])
+            return '{\n    "outputs": ' + body + "\n}"
+        parts = [f'        {json.dumps(n)}: {_write_nested(outputs[n], writers[n])}' for n in names]
+        return '{\n    "outputs": {\n' + ",\n".join(parts) + "\n    }\n}"
+    if fmt != ROW:
+        raise invalid("Invalid request format")
+    batch = 0
+    for name in names:
+        tensor = outputs[name]
+        if tensor.ndim == 0:
+            raise invalid("Tensor name: ", name, " has no shape information ")
+        size = tensor.shape[0]
+        if size < 1:
+            raise invalid("Tensor name: ", name, " has invalid batch size: ", size)
+        if batch and size != batch:
+            raise invalid("Tensor name: ", name, " has inconsistent batch size: ", size, " expecting: ", batch)
+        batch = size
+    if len(names) == 1:
+        tensor, leaf = outputs[names[0]], writers[names[0]]
+        rows = (np.asarray(tensor[i], dtype=tensor.dtype) for i in range(batch))
+        return '{\n    "predictions": [' + ", ".join(_write_nested(r, leaf) for r in rows) + "]\n}"
+    items = []
+    for i in range(batch):
+        fields = [f'            {json.dumps(n)}: '
+                  f'{_write_nested(np.asarray(outputs[n][i], dtype=outputs[n].dtype), writers[n])}' for n in names]
+        items.append("        {\n" + ",\n".join(fields) + "\n        }")
+    return '{\n    "predictions": [\n' + ",\n".join(items) + "\n    ]\n}"
+
+
+def error_json(message: str) -> str:
+    """MakeJsonFromStatus: {"error": "<message>"} (pretty, UTF-8 kept as is)."""
+    return '{\n    "error": ' + json.dumps(message, ensure_ascii=False) + "\n}"

@@ -1,0 +1,112 @@
+"""numpy arrays <-> tensorflow.TensorProto, without calling TensorFlow.
+
+`tf.make_tensor_proto` / `tf.make_ndarray` work but cost tens of microseconds per call and
+need TensorFlow imported; these do the same with numpy on the proto's own fields. The proto
+classes come from the caller (the server and the gRPC client already import them through
+tensorflow-serving-api), so this module itself imports nothing heavy.
+
+`to_ndarray` follows TensorFlow's Tensor::FromProto: `tensor_content` holds the raw
+little-endian bytes; otherwise the typed field (float_val, int_val, ...) holds the values,
+an empty field means zeros and a short one is padded with its last value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from serving import json_tensor as jt
+
+# Which repeated field carries each dtype's values when tensor_content is empty.
+_FIELD = {
+    jt.DT_FLOAT: "float_val", jt.DT_DOUBLE: "double_val", jt.DT_INT32: "int_val",
+    jt.DT_UINT8: "int_val", jt.DT_INT16: "int_val", jt.DT_INT8: "int_val",
+    jt.DT_UINT16: "int_val", jt.DT_STRING: "string_val", jt.DT_INT64: "int64_val",
+    jt.DT_BOOL: "bool_val", jt.DT_HALF: "half_val", jt.DT_UINT32: "uint32_val",
+    jt.DT_UINT64: "uint64_val",
+}
+
+
+class TensorProtoError(ValueError):
+    """The proto does not describe a valid tensor (TF's FromProto would fail)."""
+
+
+def shape_of(proto: Any) -> tuple[int, ...]:
+    shape = proto.tensor_shape
+    if shape.unknown_rank:
+        raise TensorProtoError("unknown rank")
+    dims = tuple(int(d.size) for d in shape.dim)
+    if any(d < 0 for d in dims):
+        raise TensorProtoError(f"negative dimension in shape {list(dims)}")
+    return dims
+
+
+def to_ndarray(proto: Any) -> np.ndarray:
+    """A TensorProto's values as a numpy array (bytes objects for DT_STRING)."""
+    dt = int(proto.dtype)
+    if dt not in jt.DTYPES:
+        raise TensorProtoError(f"unsupported dtype {jt.dtype_string(dt)}")
+    shape = shape_of(proto)
+    count = int(np.prod(shape, dtype=np.int64))
+    np_dtype = jt.DTYPES[dt][1]
+    if dt == jt.DT_STRING:
+        values = list(proto.string_val)
+        array = np.empty(count, dtype=object)
+        if values:
+            n = min(count, len(values))
+            array[:n] = values[:n]
+            array[n:] = values[-1] if n < count else None
+        else:
+            array[:] = b""
+        return array.reshape(shape)
+    if proto.tensor_content:
+        itemsize = np.dtype(np_dtype).itemsize
+        if len(proto.tensor_content) != count * itemsize:
+            raise TensorProtoError(
+                f"tensor_content holds {len(proto.tensor_content)} bytes, shape {list(shape)} "
+                f"of {jt.dtype_string(dt)} needs {count * itemsize}"
+            )
+        return np.frombuffer(proto.tensor_content, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype).reshape(shape)
+    field = getattr(proto, _FIELD[dt])
+    if dt == jt.DT_HALF:
+        raw = np.asarray(field, dtype=np.uint16).view(np.float16)
+    elif dt in (jt.DT_UINT8, jt.DT_INT8, jt.DT_INT16, jt.DT_UINT16):
+        raw = np.asarray(field, dtype=np.int64).astype(np_dtype)  # C-style narrowing
+    else:
+        raw = np.asarray(field, dtype=np_dtype)
+    if raw.size == 0:
+        return np.zeros(shape, dtype=np_dtype)
+    if raw.size >= count:
+        return raw[:count].reshape(shape)
+    padded = np.empty(count, dtype=np_dtype)
+    padded[: raw.size] = raw
+    padded[raw.size :] = raw[-1]
+    return padded.reshape(shape)
+
+
+def from_ndarray(array: np.ndarray, proto_cls: Any, as_fields: bool = False) -> Any:
+    """A numpy array as a new TensorProto of class `proto_cls`.
+
+    Numbers go into `tensor_content` (compact; what tf.make_tensor_proto writes) unless
+    `as_fields`, which fills the typed repeated field instead, as TF Serving's Predict does
+    for responses (Tensor::AsProtoField). Strings always go to string_val.
+    """
+    array = np.asarray(array)
+    dt = jt.dtype_of_array(array)
+    proto = proto_cls(dtype=dt)
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=int(size))
+    if dt == jt.DT_STRING:
+        flat = array.reshape(-1)
+        proto.string_val.extend(x if isinstance(x, bytes) else str(x).encode("utf-8") for x in flat)
+        return proto
+    if not as_fields:
+        proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        return proto
+    flat = array.reshape(-1)
+    if dt == jt.DT_HALF:
+        proto.half_val.extend(flat.view(np.uint16).astype(np.int32).tolist())
+    else:
+        getattr(proto, _FIELD[dt]).extend(flat.tolist())
+    return proto

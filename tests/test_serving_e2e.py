@@ -1,0 +1,468 @@
+"""End to end: the local server as a subprocess over a real exported model (versions 1 and 2,
+labels stable/canary), queried over REST and gRPC by raw HTTP, raw stubs, the client
+library and the CLI. Every answer is compared with what the SavedModel itself computes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import requests
+
+from model import contract
+from tests.conftest import python_env
+from tests.serving_fixtures import (
+    BLOCK_TENSORFLOW, PROBABILITY_ATOL, REPO, error_of, png_bytes, publish_copy,
+    saved_model_bytes_outputs, saved_model_outputs, start_server, write_models_config,
+)
+
+pytestmark = pytest.mark.slow
+N_IMAGES = 32
+MAX_REQUEST_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def base(exported, tmp_path_factory):
+    """A models root with mnist versions 1 and 2 (2 published as a copy of 1)."""
+    root = tmp_path_factory.mktemp("serving-e2e") / "models"
+    shutil.copytree(exported.serving_base, root, symlinks=True)
+    assert publish_copy(root / contract.MODEL_NAME, root / contract.MODEL_NAME / "1") == 2
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(base, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serving-e2e-server")
+    config = write_models_config(work / "models.config", {"stable": 1, "canary": 2})
+    server = start_server(base, work, [
+        "--model-config-file", str(config), "--file-system-poll-wait-seconds", "0.25",
+        "--max-request-bytes", str(MAX_REQUEST_BYTES), "--model-config-file-poll-wait-seconds", "0",
+    ])
+    yield server
+    assert server.stop() == 0, server.log_tail()
+
+
+@pytest.fixture(scope="module")
+def images(fixture_mnist):
+    return fixture_mnist.test.images[:N_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def expected(base, images):
+    return saved_model_outputs(base / contract.MODEL_NAME / "2", images)
+
+
+@pytest.fixture(scope="module")
+def pictures(images):
+    # PNGs of the test digits, half of them inverted (dark ink on white, as on paper).
+    return [png_bytes(im if i % 2 == 0 else 255 - im) for i, im in enumerate(images[:16])]
+
+
+@pytest.fixture(scope="module")
+def expected_bytes(base, pictures):
+    return saved_model_bytes_outputs(base / contract.MODEL_NAME / "2", pictures)
+
+
+def assert_same(digits, probabilities, reference):
+    np.testing.assert_array_equal(np.asarray(digits), reference[contract.OUTPUT_DIGIT])
+    np.testing.assert_allclose(np.asarray(probabilities, np.float32), reference[contract.OUTPUT_PROBABILITIES],
+                               atol=PROBABILITY_ATOL, rtol=0)
+
+
+def predict_url(server, suffix=""):
+    return f"{server.rest_url}/v1/models/{contract.MODEL_NAME}{suffix}:predict"
+
+
+def good_rest_request(server, images) -> None:
+    response = requests.post(predict_url(server), json={"instances": images[:1].tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions equal the SavedModel's own
+# --------------------------------------------------------------------------------------------
+def test_rest_raw_pixels_row_and_columnar(server, images, expected):
+    row = requests.post(predict_url(server), json={"instances": images.tolist()}, timeout=30)
+    assert row.status_code == 200 and row.headers["Content-Type"] == "application/json"
+    predictions = row.json()["predictions"]
+    assert len(predictions) == N_IMAGES and set(predictions[0]) == {"digit", "probabilities"}
+    assert_same([p["digit"] for p in predictions], [p["probabilities"] for p in predictions], expected)
+
+    body = {"signature_name": "serving_default", "inputs": {"image": images.tolist()}}
+    columnar = requests.post(predict_url(server, "/versions/1"), json=body, timeout=30).json()["outputs"]
+    assert_same(columnar["digit"], columnar["probabilities"], expected)
+
+
+def test_rest_gzip_request_body(server, images, expected):
+    import gzip
+
+    body = gzip.compress(json.dumps({"inputs": images.tolist()}).encode())
+    response = requests.post(predict_url(server), data=body, timeout=30,
+                             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    outputs = response.json()["outputs"]
+    assert_same(outputs["digit"], outputs["probabilities"], expected)
+
+
+def test_rest_b64_pictures(server, pictures, expected_bytes):
+    body = {"signature_name": "serving_bytes",
+            "instances": [{"b64": base64.b64encode(p).decode()} for p in pictures]}
+    response = requests.post(predict_url(server, "/labels/canary"), json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert_same([p["digit"] for p in predictions], [p["probabilities"] for p in predictions], expected_bytes)
+
+
+def test_grpc_raw_pixels_and_pictures(server, images, expected, pictures, expected_bytes):
+    from serving.grpc_client import GrpcClient
+
+    with GrpcClient(server.grpc_target) as client:
+        pixels = client.predict(images)
+        assert pixels.model_version == 2  # the latest
+        assert_same(pixels.digits, pixels.probabilities, expected)
+        encoded = client.predict_encoded(pictures)
+        assert_same(encoded.digits, encoded.probabilities, expected_bytes)
+    with GrpcClient(server.grpc_target, label="stable") as client:
+        assert client.predict(images[:4]).model_version == 1
+
+
+def test_rest_client_library(server, images, expected, pictures, expected_bytes):
+    from serving.client import RestClient
+
+    with RestClient(server.rest_url) as client:
+        pixels = client.predict(images)
+        assert_same(pixels.digits, pixels.probabilities, expected)
+        encoded = client.predict_encoded(pictures)
+        assert_same(encoded.digits, encoded.probabilities, expected_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Status and metadata, as TF Serving lays them out
+# --------------------------------------------------------------------------------------------
+def test_status_layout(server):
+    ok = {"error_code": "OK", "error_message": ""}
+    everything = requests.get(f"{server.rest_url}/v1/models/mnist", timeout=10).json()
+    assert everything == {"model_version_status": [
+        {"version": "2", "state": "AVAILABLE", "status": ok},
+        {"version": "1", "state": "AVAILABLE", "status": ok}]}
+    one = requests.get(f"{server.rest_url}/v1/models/mnist/versions/1", timeout=10).json()
+    assert one == {"model_version_status": [{"version": "1", "state": "AVAILABLE", "status": ok}]}
+    # TF Serving's GetModelStatus looks at the version only: a label lists every version.
+    labelled = requests.get(f"{server.rest_url}/v1/models/mnist/labels/stable", timeout=10).json()
+    assert labelled == everything
+    from serving.grpc_client import GrpcClient
+
+    with GrpcClient(server.grpc_target) as client:
+        assert client.status() == everything
+
+
+def test_metadata_layout(server):
+    meta = requests.get(f"{server.rest_url}/v1/models/mnist/metadata", timeout=10).json()
+    assert meta["model_spec"] == {"name": "mnist", "signature_name": "", "version": "2"}
+    defs = meta["metadata"]["signature_def"]["signature_def"]
+    # TF Serving lists every SignatureDef of the MetaGraph, the TF2 init op included.
+    assert set(defs) == {"serving_default", "serving_bytes", "__saved_model_init_op"}
+    image = defs["serving_default"]["inputs"]["image"]
+    assert image["dtype"] == "DT_UINT8"
+    assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "28", "28"]
+    assert defs["serving_default"]["method_name"] == "tensorflow/serving/predict"
+    assert set(defs["serving_bytes"]["outputs"]) == {"digit", "probabilities"}
+    stable = requests.get(f"{server.rest_url}/v1/models/mnist/labels/stable/metadata", timeout=10).json()
+    assert stable["model_spec"]["version"] == "1"
+    from serving.grpc_client import GrpcClient
+
+    with GrpcClient(server.grpc_target) as client:
+        assert client.metadata() == meta
+
+
+def test_warmup_requests_are_replayed_on_load(server, base):
+    import re
+
+    from export.saved_model import read_warmup
+
+    records = len(read_warmup(base / contract.MODEL_NAME / "1" / contract.WARMUP_FILE))
+    log = server.log_path.read_text()
+    replayed = {int(v): int(n) for v, n in re.findall(r"version (\d+) AVAILABLE \(loaded in [\d.]+ s, (\d+) warm-up", log)}
+    assert replayed == {1: records, 2: records} and records > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: TF Serving's status codes and messages, and the server answers afterwards
+# --------------------------------------------------------------------------------------------
+UNDECODABLE = base64.b64encode(b"this is not a picture").decode()
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("GET", "/v1/models/nope", None, 404, "Could not find any versions of model nope"),
+    ("GET", "/v1/models/mnist/versions/9", None, 404, "Could not find version 9 of model mnist"),
+    ("GET", "/v1/models/mnist/versions/9/metadata", None, 404, "Servable not found for request: Specific(mnist, 9)"),
+    ("POST", "/v1/models/nope:predict", '{"instances": [1]}', 404, "Servable not found for request: Latest(nope)"),
+    ("POST", "/v1/models/mnist/versions/9:predict", '{"instances": [1]}', 404, "Servable not found for request: Specific(mnist, 9)"),
+    ("POST", "/v1/models/mnist/labels/nope:predict", '{"instances": [1]}', 400, "Unrecognized servable version label: nope"),
+    ("POST", "/v1/models/mnist:predict", '{"instances": [1,', 400, "JSON Parse error"),
+    ("POST", "/v1/models/mnist:predict", "", 400, "JSON Parse error: The document is empty"),
+    ("POST", "/v1/models/mnist:predict", '{"instances": [[1]], "inputs": [[1]]}', 400,
+     "expecting only one of 'inputs' or 'instances' keys to exist"),
+    ("POST", "/v1/models/mnist:predict", '{"signature_name": "serving_default"}', 400, "Missing 'inputs' or 'instances' key"),
+    ("POST", "/v1/models/mnist:predict", json.dumps({"instances": [[[0] * 28] * 28, [[0] * 28] * 27]}), 400,
+     "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: Expecting tensor size: 784 but got: 756"),
+    ("POST", "/v1/models/mnist:predict", json.dumps({"instances": [[[0.5] * 28] * 28]}), 400,
+     "JSON Value: 0.5 Type: Number is not of expected type: uint8"),
+    ("POST", "/v1/models/mnist:predict", json.dumps({"inputs": {"pixels": [[[0] * 28] * 28]}}), 400,
+     "Missing named input: image in 'inputs' object."),
+    ("POST", "/v1/models/mnist:predict", json.dumps({"instances": [{"pixels": [[0] * 28] * 28}]}), 400,
+     "JSON object: does not have named input: pixels"),
+    ("POST", "/v1/models/mnist:predict", '{"signature_name": "nope", "instances": [1]}', 400,
+     'Serving signature name: "nope" not found in signature def'),
+    ("POST", "/v1/models/mnist:predict", '{"signature_name": 7, "instances": [1]}', 400,
+     "'signature_name' key must be a string value."),
+    ("POST", "/v1/models/mnist:predict", '{"signature_name": "serving_bytes", "instances": [{"b64": "%%%"}]}', 400,
+     "Unable to base64 decode"),
+    ("POST", "/v1/models/mnist:predict", json.dumps({"signature_name": "serving_bytes", "instances": [{"b64": UNDECODABLE}]}),
+     400, "Unknown image file format"),
+    ("POST", "/v1/models/mnist:predict", json.dumps({"instances": [[[0] * 27] * 28]}), 400,
+     "Input to reshape is a tensor with 756 values"),  # TF Serving checks no shapes: the graph does
+    ("GET", "/v1/models/mnist:predict", None, 400, "Malformed request: GET /v1/models/mnist:predict"),
+    ("PUT", "/v1/models/mnist", None, 400, "Malformed request: PUT /v1/models/mnist"),
+    ("GET", "/v1/models", None, 400, "Missing model name in request."),
+    ("POST", "/v1/models/mnist:classify", '{"examples": []}', 501, "implements :predict only"),
+])
+def test_rest_errors(server, images, method, path, body, status, message):
+    response = requests.request(method, server.rest_url + path, data=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert message in error_of(response)
+    good_rest_request(server, images)
+
+
+def test_rest_body_limit_and_unknown_paths(server, images):
+    big = b'{"instances": [' + b"0," * (MAX_REQUEST_BYTES // 2) + b"0]}"
+    response = requests.post(predict_url(server), data=big, timeout=30)
+    assert response.status_code == 413
+    assert "exceeds this server's limit" in error_of(response)
+    assert requests.get(server.rest_url + "/elsewhere", timeout=10).status_code == 404
+    good_rest_request(server, images)
+
+
+def test_grpc_errors(server, images):
+    import grpc
+    from tensorflow.core.framework import tensor_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving import tensor_proto
+
+    def request(array=images[:1], name="mnist", signature="", key="image", version=None, label=None,
+                output_filter=(), extra=False):
+        r = predict_pb2.PredictRequest(output_filter=list(output_filter))
+        if extra:
+            r.inputs["extra"].CopyFrom(tensor_proto.from_ndarray(np.zeros(1, np.uint8), tensor_pb2.TensorProto))
+        r.model_spec.name = name
+        r.model_spec.signature_name = signature
+        if version is not None:
+            r.model_spec.version.value = version
+        if label is not None:
+            r.model_spec.version_label = label
+        r.inputs[key].CopyFrom(tensor_proto.from_ndarray(np.asarray(array), tensor_pb2.TensorProto))
+        return r
+
+    cases = [
+        (request(name="nope"), "NOT_FOUND", "Servable not found for request: Latest(nope)"),
+        (request(version=9), "NOT_FOUND", "Servable not found for request: Specific(mnist, 9)"),
+        (request(label="nope"), "INVALID_ARGUMENT", "Unrecognized servable version label: nope"),
+        (request(array=images[:1].astype(np.float32)), "INVALID_ARGUMENT", "Expects arg[0] to be uint8 but float is provided"),
+        (request(key="pixels"), "INVALID_ARGUMENT", "input tensor alias not found in signature: pixels"),
+        (request(extra=True), "INVALID_ARGUMENT",
+         "input size does not match signature: 2!=1 len({extra,image}) != len({image}). Sent extra: {extra}"),
+        (request(output_filter=["nope"]), "INVALID_ARGUMENT", "output tensor alias not found in signature: nope"),
+        (request(signature="nope"), "FAILED_PRECONDITION", 'Serving signature key "nope" not found.'),
+        (request(array=np.array([b"not a picture"], dtype=object), signature="serving_bytes", key="image_bytes"),
+         "INVALID_ARGUMENT", "Unknown image file format"),
+    ]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for req, code, message in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(req, timeout=30)
+            assert err.value.code().name == code, err.value.details()
+            assert message in err.value.details()
+            assert stub.Predict(request(), timeout=30).model_spec.version.value == 2  # still answering
+
+
+def test_metrics_page(server, images):
+    good_rest_request(server, images)
+    response = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    assert '# TYPE :tensorflow:serving:request_count counter' in response.text
+    assert ':tensorflow:serving:request_count{model_name="mnist",status="OK"}' in response.text
+    assert ":tensorflow:serving:request_latency_bucket" in response.text
+
+
+# --------------------------------------------------------------------------------------------
+# Load: 32 concurrent clients x 200 requests, REST and gRPC mixed
+# --------------------------------------------------------------------------------------------
+def _batches(server) -> tuple[float, float]:
+    text = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10).text
+    values = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(":tensorflow:serving:batching_session:processed_batch_size_")
+              and ("_sum{" in line or "_count{" in line)}
+    return (values.get(":tensorflow:serving:batching_session:processed_batch_size_sum", 0.0),
+            values.get(":tensorflow:serving:batching_session:processed_batch_size_count", 0.0))
+
+
+def test_load_32_clients_each_get_their_own_answers(server, images, expected):
+    import grpc
+    from tensorflow.core.framework import tensor_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving import tensor_proto
+
+    clients, per_client = 32, 200
+    failures: list[str] = []
+    answered = [0] * clients
+    rows_before, batches_before = _batches(server)
+    channel = grpc.insecure_channel(server.grpc_target)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+    def check(i: int, digit: int, probabilities) -> None:
+        k = i % N_IMAGES
+        if digit != expected["digit"][k] or not np.allclose(probabilities, expected["probabilities"][k], atol=PROBABILITY_ATOL):
+            failures.append(f"client {i}: answer for another image (digit {digit}, expected {expected['digit'][k]})")
+
+    def rest_client(i: int) -> None:
+        session = requests.Session()
+        body = json.dumps({"instances": images[i % N_IMAGES : i % N_IMAGES + 1].tolist()})
+        for _ in range(per_client):
+            try:
+                r = session.post(predict_url(server), data=body, timeout=60)
+                if r.status_code != 200:
+                    failures.append(f"client {i}: HTTP {r.status_code} {r.text[:200]}")
+                    continue
+                p = r.json()["predictions"][0]
+                check(i, p["digit"], p["probabilities"])
+                answered[i] += 1
+            except Exception as err:
+                failures.append(f"client {i}: {err!r}")
+
+    def grpc_client(i: int) -> None:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = contract.MODEL_NAME
+        request.inputs["image"].CopyFrom(tensor_proto.from_ndarray(images[i % N_IMAGES][None], tensor_pb2.TensorProto))
+        for _ in range(per_client):
+            try:
+                out = stub.Predict(request, timeout=60).outputs
+                check(i, out["digit"].int64_val[0], np.asarray(out["probabilities"].float_val))
+                answered[i] += 1
+            except Exception as err:
+                failures.append(f"client {i}: {err!r}")
+
+    threads = [threading.Thread(target=grpc_client if i % 4 == 3 else rest_client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    channel.close()
+    assert not failures, f"{len(failures)} failed requests, first: {failures[:3]}"
+    assert answered == [per_client] * clients
+    rows, batches = _batches(server)
+    # Concurrent requests (REST and gRPC alike) were served in shared batches.
+    assert (rows - rows_before) / (batches - batches_before) > 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI: exit codes and messages
+# --------------------------------------------------------------------------------------------
+def run_query(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.query", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env or python_env(), timeout=180)
+
+
+def test_cli_predicts_files(server, images, expected, tmp_path):
+    np.save(tmp_path / "three.npy", images[:3])
+    (tmp_path / "digit.png").write_bytes(png_bytes(images[3]))
+    port = str(server.rest_port)
+    result = run_query("--rest-port", port, "--json", "predict", str(tmp_path / "three.npy"), str(tmp_path / "digit.png"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["digit"] for r in rows[:3]] == expected["digit"][:3].tolist()
+    encoded = run_query("--rest-port", port, "--json", "predict", "--bytes", str(tmp_path / "digit.png"))
+    assert encoded.returncode == 0, encoded.stderr
+    assert json.loads(encoded.stdout)[0]["digit"] == int(expected["digit"][3])
+
+
+def test_cli_testset_report(server, fixture_data_dir, base, fixture_mnist, tmp_path):
+    report = tmp_path / "testset.json"
+    result = run_query("--rest-port", str(server.rest_port), "testset", "--data-dir", str(fixture_data_dir),
+                       "--limit", "100", "--batch-size", "10", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "p99" in result.stdout
+    saved = json.loads(report.read_text())
+    reference = saved_model_outputs(base / contract.MODEL_NAME / "2", fixture_mnist.test.images[:100])
+    accuracy = float((reference["digit"] == fixture_mnist.test.labels[:100]).mean())
+    assert saved["result"]["accuracy"] == pytest.approx(accuracy)
+    assert saved["result"]["requests"] == 10 and saved["config"]["batch_size"] == 10
+
+
+def test_cli_failures_have_clear_messages_and_exit_codes(server, images, tmp_path):
+    from serving.process import free_port
+
+    np.save(tmp_path / "one.npy", images[:1])
+    np.save(tmp_path / "bad.npy", np.zeros((2, 28, 27), np.uint8))
+    port = str(server.rest_port)
+    cases = [
+        (["--rest-port", str(free_port()), "--retries", "1", "status"], 4, "cannot reach"),
+        (["--rest-port", port, "--model", "nope", "status"], 5, "Could not find any versions of model nope"),
+        (["--rest-port", port, "--label", "nope", "predict", str(tmp_path / "one.npy")], 5,
+         "Unrecognized servable version label: nope"),
+        (["--rest-port", port, "predict", str(tmp_path / "missing.png")], 3, "no such file"),
+        (["--rest-port", port, "predict", str(tmp_path / "bad.npy")], 3, "expected [28, 28] or [N, 28, 28]"),
+        (["--protocol", "grpc", "--grpc-port", str(free_port()), "--retries", "1", "status"], 4, "cannot reach"),
+        (["--protocol", "grpc", "--grpc-port", str(server.grpc_port), "--version", "9", "status"], 5,
+         "Could not find version 9 of model mnist"),
+    ]
+    for args, code, message in cases:
+        result = run_query(*args)
+        assert result.returncode == code, (args, result.stdout, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+
+
+def test_rest_client_runs_without_tensorflow(server, images, tmp_path):
+    np.save(tmp_path / "one.npy", images[:1])
+    script = BLOCK_TENSORFLOW + f"""
+from serving import query
+status = query.main(["--rest-port", "{server.rest_port}", "predict", "{tmp_path / 'one.npy'}"])
+assert "tensorflow" not in sys.modules
+try:
+    import tensorflow
+    raise SystemExit("tensorflow was importable: the block failed")
+except ImportError:
+    pass
+sys.exit(status)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            env=python_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "one.npy: " in result.stdout
+
+
+def test_benchmark_cells_run_and_check_answers(server, images):
+    import asyncio
+
+    from serving.bench import BenchConfig, evaluate_targets, run_scenario
+
+    config = BenchConfig(duration=0.5, warmup=0.2)
+    cells = [asyncio.run(run_scenario(protocol, server.rest_url if protocol == "rest" else server.grpc_target,
+                                      images, 1, concurrency, config))
+             for protocol in ("rest", "grpc") for concurrency in (1, 32)]
+    for cell in cells:
+        assert cell["requests"] > 0 and cell["errors"] == 0, cell
+        assert 0 < cell["latency_ms"]["p50"] <= cell["latency_ms"]["p99"]
+    targets = evaluate_targets(cells)
+    assert set(targets) == {"rest_single_image_p50_ms", "grpc_single_image_p50_ms",
+                            "rest_32_clients_single_image_predictions_per_s",
+                            "grpc_32_clients_single_image_predictions_per_s"}
+    assert all(isinstance(t["met"], bool) for t in targets.values())

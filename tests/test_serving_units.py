@@ -1,0 +1,586 @@
+"""Unit tests of the serving pieces that need no running server and no trained model:
+TF Serving's JSON rules, TensorProto packing, the config files, the batcher, the model
+manager's version/label/lease logic (with a stand-in loader), client-side checks, the CLI's
+flags and the Docker image check's parsing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving import batching, config_files
+from serving import json_tensor as jt
+from serving import tensor_proto
+from serving.client import (
+    InputError, RetryPolicy, ServerFailure, TensorSpec, check_tensor, with_retries,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_INFO = {"image": jt.DT_UINT8}
+
+
+def fill(doc, infos=IMAGE_INFO, may_have_bools=True):
+    return jt.fill_predict_request(doc, lambda signature: infos, may_have_bools)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON requests (json_tensor.cc)
+# --------------------------------------------------------------------------------------------
+def test_row_and_columnar_give_the_same_batched_tensor():
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    row = fill({"instances": images.tolist()})
+    columnar = fill({"inputs": {"image": images.tolist()}})
+    unnamed = fill({"inputs": images.tolist()})
+    named_rows = fill({"instances": [{"image": im.tolist()} for im in images]})
+    for parsed in (row, columnar, unnamed, named_rows):
+        assert parsed.tensors["image"].dtype == np.uint8
+        np.testing.assert_array_equal(parsed.tensors["image"], images)
+    assert (row.format, columnar.format) == (jt.ROW, jt.COLUMNAR)
+
+
+def test_fast_numeric_path_agrees_with_tf_serving_walk():
+    rng = np.random.default_rng(1)
+    for dt, values in ((jt.DT_UINT8, rng.integers(-5, 300, (4, 3, 2))),
+                       (jt.DT_FLOAT, rng.normal(size=(5, 2))), (jt.DT_INT64, rng.integers(-9, 9, (6,)))):
+        infos = {"x": dt}
+        fast = fill({"inputs": values.tolist()}, infos, may_have_bools=False).tensors["x"]
+        # Forcing the slow walk: a bool-free body that we claim may hold bools still must
+        # not change the result, and the element-by-element walk must agree.
+        walked = jt._to_array(*_walk(values.tolist(), dt))
+        np.testing.assert_array_equal(fast, walked)
+        assert fast.dtype == walked.dtype == jt.DTYPES[dt][1]
+
+
+def _walk(value, dt):
+    shape = jt._dense_shape(value)
+    out = []
+    jt._fill(value, 0, shape, dt, out)
+    return out, shape, dt
+
+
+def test_uint8_values_are_narrowed_like_tf_serving():
+    # TF Serving accepts any int32 for DT_UINT8 and casts (300 -> 44, -1 -> 255); we mirror
+    # it (clients check the range before sending, see test_check_tensor_*).
+    parsed = fill({"instances": [300, -1, 7]})
+    np.testing.assert_array_equal(parsed.tensors["image"], np.array([44, 255, 7], np.uint8))
+
+
+@pytest.mark.parametrize("doc, infos, message", [
+    ({"instances": [[1, 2], [3]]}, {"x": jt.DT_INT32},
+     "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: Expecting tensor size: 2 but got: 1"),
+    ({"instances": [[1, 2], [[3], [4]]]}, {"x": jt.DT_INT32}, "Expecting shape [2] but got: [2,1]"),
+    ({"instances": [[0.5]]}, IMAGE_INFO, "JSON Value: 0.5 Type: Number is not of expected type: uint8"),
+    ({"instances": [[True]]}, IMAGE_INFO, "JSON Value: true Type: True is not of expected type: uint8"),
+    ({"inputs": [[1, True]]}, IMAGE_INFO, "Type: True is not of expected type: uint8"),
+    ({"instances": [["7"]]}, IMAGE_INFO, 'JSON Value: "7" Type: String is not of expected type: uint8'),
+    ({"instances": [[2**31]]}, {"x": jt.DT_INT32}, "is not of expected type: int32"),
+    ({"inputs": [16777217]}, {"x": jt.DT_FLOAT},
+     "Cannot convert JSON value: 16777217 to float without loss of precision."),
+    ({"inputs": {"wrong": [1]}}, IMAGE_INFO, "Missing named input: image in 'inputs' object."),
+    ({"instances": [{"wrong": [1]}]}, IMAGE_INFO,
+     "Failed to process element: 0 key: wrong of 'instances' list. Error: INVALID_ARGUMENT: "
+     "JSON object: does not have named input: wrong"),
+    ({"instances": []}, IMAGE_INFO, "No values in 'instances' array"),
+    ({"instances": 5}, IMAGE_INFO, "Excepting 'instances' to be an list/array"),
+    ({"instances": [1], "inputs": [1]}, IMAGE_INFO,
+     "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"),
+    ({"signature_name": "serving_default"}, IMAGE_INFO, "Missing 'inputs' or 'instances' key"),
+    ({"signature_name": 5, "instances": [1]}, IMAGE_INFO, "'signature_name' key must be a string value."),
+    ({"instances": [{"b64": "!!!"}]}, {"image_bytes": jt.DT_STRING}, "Unable to base64 decode"),
+    ({"instances": [{"b64": "aGk="}]}, IMAGE_INFO, "Type: Object is not of expected type: uint8"),
+    ({"inputs": [[1, [2]]]}, {"x": jt.DT_INT32}, "Encountered list at unexpected level: 2 expected < 2"),
+    ({"inputs": [[[1], 2]]}, {"x": jt.DT_INT32}, "found at incorrect level: 3 in the JSON DOM. Expected at level: 3"),
+    ({"instances": [1, 2]}, {"a": jt.DT_INT32, "b": jt.DT_INT32},
+     "instances is a plain list, but expecting list of objects as multiple input tensors"),
+])
+def test_bad_requests_fail_with_tf_serving_messages(doc, infos, message):
+    with pytest.raises(jt.ApiError) as err:
+        fill(doc, infos)
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert err.value.http_status == 400
+    assert message in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"", "JSON Parse error: The document is empty"),
+    (b'{"instances": [1,', "JSON Parse error: "),
+    (b"[1, 2]", "Is not object"),
+])
+def test_unparsable_bodies(body, message):
+    with pytest.raises(jt.ApiError) as err:
+        jt.parse_json(body)
+    assert message in err.value.message and err.value.http_status == 400
+
+
+@pytest.mark.parametrize("use_orjson", [True, False])
+def test_json_parsing_with_and_without_orjson(monkeypatch, use_orjson):
+    if not use_orjson:
+        monkeypatch.setattr(jt, "_orjson", None)
+    elif jt._orjson is None:
+        pytest.skip("orjson is not installed (the json module does the parsing)")
+    body = '{"instances": [[1, 2.5, -3, 18446744073709551616]], "signature_name": "s", "x": "\u00e9"}'.encode()
+    assert jt.parse_json(body) == json.loads(body)
+    assert np.isnan(jt.parse_json(b'{"inputs": [NaN]}')["inputs"][0])
+    with pytest.raises(jt.ApiError, match="JSON Parse error"):
+        jt.parse_json(b'{"a": ')
+    with pytest.raises(jt.ApiError, match="Is not object"):
+        jt.parse_json(b"[1]")
+
+
+def test_absurdly_nested_values_are_refused_not_crashed_on():
+    deep = json.loads("[" * 40 + "1" + "]" * 40)
+    for doc in ({"inputs": deep}, {"instances": deep}):
+        with pytest.raises(jt.ApiError, match="nests more than 32 levels"):
+            fill(doc, {"x": jt.DT_INT32})
+    with pytest.raises(jt.ApiError, match="nests too deeply"):
+        jt.parse_json(b'{"inputs": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}")
+
+
+def test_b64_strings_decode_with_or_without_padding():
+    payload = b"\x89PNG\r\n\x1a\nnot really"
+    padded = base64.b64encode(payload).decode()
+    parsed = fill({"instances": [{"b64": padded}, {"b64": padded.rstrip("=")}]}, {"image_bytes": jt.DT_STRING})
+    assert list(parsed.tensors["image_bytes"]) == [payload, payload]
+    plain = fill({"inputs": ["abc"]}, {"s": jt.DT_STRING}).tensors["s"]
+    assert list(plain) == [b"abc"]
+
+
+def test_nan_and_infinity_tokens_are_floats():
+    doc = jt.parse_json(b'{"inputs": [NaN, Infinity, -Infinity, 1]}')
+    x = fill(doc, {"x": jt.DT_FLOAT}).tensors["x"]
+    assert np.isnan(x[0]) and np.isposinf(x[1]) and np.isneginf(x[2]) and x[3] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# JSON responses
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, text", [
+    (0.1, "0.1"), (1.0, "1.0"), (3e-5, "3e-05"), (9e6, "9e+06"), (-2.5, "-2.5"),
+    (0.123456789, "0.123456791"),  # float32 value needs 9 digits to round-trip
+    (float("nan"), "NaN"), (float("inf"), "Infinity"), (float("-inf"), "-Infinity"),
+])
+def test_floats_are_written_as_tf_serving_writes_them(value, text):
+    assert jt.format_decimal(np.float32(value)) == text
+    assert jt.format_floats(np.array([value], np.float32)) == [text]
+
+
+def test_response_layouts_row_and_columnar():
+    outputs = {"digit": np.array([7, 2], np.int64), "probabilities": np.array([[0.25, 0.75], [1.0, 0.0]], np.float32)}
+    row = json.loads(jt.make_json_from_tensors(outputs, jt.ROW))
+    assert row == {"predictions": [{"digit": 7, "probabilities": [0.25, 0.75]},
+                                   {"digit": 2, "probabilities": [1.0, 0.0]}]}
+    columnar = json.loads(jt.make_json_from_tensors(outputs, jt.COLUMNAR))
+    assert columnar == {"outputs": {"digit": [7, 2], "probabilities": [[0.25, 0.75], [1.0, 0.0]]}}
+    single = {"y": np.array([[1.5], [2.0]], np.float32)}
+    assert json.loads(jt.make_json_from_tensors(single, jt.ROW)) == {"predictions": [[1.5], [2.0]]}
+    assert json.loads(jt.make_json_from_tensors(single, jt.COLUMNAR)) == {"outputs": [[1.5], [2.0]]}
+    raw = {"thumb_bytes": np.array([b"\x00\xff"], dtype=object)}
+    assert json.loads(jt.make_json_from_tensors(raw, jt.ROW)) == {"predictions": [{"b64": "AP8="}]}
+
+
+def test_row_responses_need_consistent_batches():
+    with pytest.raises(jt.ApiError, match="inconsistent batch size"):
+        jt.make_json_from_tensors({"a": np.zeros(2), "b": np.zeros(3)}, jt.ROW)
+    with pytest.raises(jt.ApiError, match="has no shape information"):
+        jt.make_json_from_tensors({"a": np.float32(1)}, jt.ROW)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorProto
+# --------------------------------------------------------------------------------------------
+def test_tensor_protos_match_tensorflow_packing():
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+
+    rng = np.random.default_rng(2)
+    arrays = [rng.integers(0, 256, (2, 28, 28)).astype(np.uint8), rng.normal(size=(3, 10)).astype(np.float32),
+              np.array([3, -1], np.int64), np.array([b"png", b"\x00"], dtype=object)]
+    for array in arrays:
+        for as_fields in (False, True):
+            ours = tensor_proto.from_ndarray(array, tensor_pb2.TensorProto, as_fields=as_fields)
+            back = tf.make_ndarray(ours)  # TensorFlow reads what we wrote
+            np.testing.assert_array_equal(back, array)
+        theirs = tf.make_tensor_proto(array)  # and we read what TensorFlow wrote
+        np.testing.assert_array_equal(tensor_proto.to_ndarray(theirs), array)
+
+
+def test_short_typed_fields_fill_like_tensorflow():
+    from tensorflow.core.framework import tensor_pb2
+
+    proto = tensor_pb2.TensorProto(dtype=jt.DT_FLOAT, float_val=[1.0, 2.0])
+    proto.tensor_shape.dim.add(size=4)
+    np.testing.assert_array_equal(tensor_proto.to_ndarray(proto), [1, 2, 2, 2])
+    empty = tensor_pb2.TensorProto(dtype=jt.DT_INT32)
+    empty.tensor_shape.dim.add(size=3)
+    np.testing.assert_array_equal(tensor_proto.to_ndarray(empty), [0, 0, 0])
+    bad = tensor_pb2.TensorProto(dtype=jt.DT_UINT8, tensor_content=b"\x00" * 5)
+    bad.tensor_shape.dim.add(size=4)
+    with pytest.raises(tensor_proto.TensorProtoError, match="5 bytes"):
+        tensor_proto.to_ndarray(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------
+def test_shipped_config_files_parse(tmp_path):
+    models = config_files.read_model_config(REPO / "serving" / "models.config", tmp_path / "root")
+    assert [m.name for m in models] == ["mnist"]
+    assert models[0].base_path == tmp_path / "root" / "mnist"
+    assert models[0].policy == config_files.VersionPolicy("latest", num_versions=2)
+    assert models[0].labels == {"canary": 2, "stable": 1}
+    params = config_files.read_batching_parameters(REPO / "serving" / "batching_parameters.txt")
+    assert params.max_batch_size >= 64 and params.batch_timeout_micros == 0
+    monitoring = config_files.read_monitoring_config(REPO / "serving" / "monitoring.config")
+    assert monitoring == config_files.MonitoringConfig(True, "/monitoring/prometheus/metrics")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_batch_size { value: 8 }\nmax_batch_sise { value: 2 }", "max_batch_sise"),
+    ("max_batch_size { value: 8 }\nallowed_batch_sizes: 4\nallowed_batch_sizes: 6", "must equal max_batch_size"),
+    ("num_batch_threads { value: 0 }", "num_batch_threads must be >= 1"),
+])
+def test_bad_batching_files_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "batching.txt"
+    path.write_text(text)
+    with pytest.raises(config_files.ConfigFileError) as err:
+        config_files.read_batching_parameters(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_bad_models_config(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_text('model_config_list { config { name: "a" base_path: "/models/a" } config { name: "a" base_path: "/x" } }')
+    with pytest.raises(config_files.ConfigFileError, match="appears twice"):
+        config_files.read_model_config(path, tmp_path)
+    path.write_text("model_config_list { config { nme: 1 } }")
+    with pytest.raises(config_files.ConfigFileError, match="Invalid protobuf file"):
+        config_files.read_model_config(path, tmp_path)
+    with pytest.raises(config_files.ConfigFileError, match="no such file"):
+        config_files.read_model_config(tmp_path / "absent.config", tmp_path)
+
+
+def test_version_policies():
+    on_disk = [1, 3, 7, 12]
+    assert config_files.VersionPolicy("latest", 1).aspired(on_disk) == [12]
+    assert config_files.VersionPolicy("latest", 2).aspired(on_disk) == [7, 12]
+    assert config_files.VersionPolicy("all").aspired(on_disk) == on_disk
+    assert config_files.VersionPolicy("specific", versions=(3, 99)).aspired(on_disk) == [3]
+    assert config_files.VersionPolicy("latest", 2).aspired([]) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+def _params(**kw):
+    base = dict(max_batch_size=16, batch_timeout_micros=0, max_enqueued_batches=4, num_batch_threads=1)
+    base.update(kw)
+    return config_files.BatchingParameters(**base)
+
+
+def test_concurrent_tasks_run_as_one_batch_and_each_gets_its_own_rows():
+    sizes = []
+    gate = threading.Event()
+
+    def run(inputs):
+        sizes.append(len(inputs["x"]))
+        gate.wait(5)  # the first batch blocks until everything else is queued
+        return {"y": inputs["x"] * 2}
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        first = queue.submit({"x": np.array([[100]])}, 1)
+        time.sleep(0.1)  # the worker is now busy with the first task
+        futures = [queue.submit({"x": np.array([[i], [i + 1000]])}, 2) for i in range(6)]
+        gate.set()
+        assert first.result(5)["y"].tolist() == [[200]]
+        for i, future in enumerate(futures):
+            assert future.result(5)["y"].tolist() == [[2 * i], [2 * (i + 1000)]]
+        assert sizes[0] == 1 and sizes[1] == 12, sizes  # the six waiting tasks ran together
+    finally:
+        queue.close()
+
+
+def test_a_failing_task_fails_alone():
+    gate = threading.Event()
+    sizes = []
+
+    def run(inputs):
+        sizes.append(len(inputs["x"]))
+        gate.wait(5)
+        if (inputs["x"] < 0).any():
+            raise jt.invalid("negative pixel")
+        return {"y": inputs["x"] + 1}
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        first = queue.submit({"x": np.array([0])}, 1)
+        time.sleep(0.1)  # the worker holds the first task; the next three queue up together
+        futures = [queue.submit({"x": np.array([v])}, 1) for v in (1, -1, 2)]
+        gate.set()
+        assert first.result(5)["y"].tolist() == [1]
+        assert futures[0].result(5)["y"].tolist() == [2]
+        assert futures[2].result(5)["y"].tolist() == [3]
+        with pytest.raises(jt.ApiError, match="negative pixel"):
+            futures[1].result(5)
+        assert sizes == [1, 3, 1, 1, 1]  # the batch of three failed, then each ran alone
+    finally:
+        gate.set()
+        queue.close()
+
+
+def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
+    gate = threading.Event()
+    threads = []
+
+    def run(inputs):
+        threads.append(threading.current_thread().name)
+        if inputs["x"][0] == 1:
+            gate.wait(5)
+        return {"y": inputs["x"]}
+
+    arriving = [0]
+    queue = batching.BatchQueue(run, _params(), arriving=lambda: arriving[0], name="q")
+    try:
+        assert queue.run_inline_if_idle({"x": np.array([0])}, 1)["y"].tolist() == [0]
+        assert threads == [threading.current_thread().name]  # ran here, not on a worker
+        arriving[0] = 1  # someone else is on the way: queue instead, so they can batch
+        assert queue.run_inline_if_idle({"x": np.array([0])}, 1) is None
+        arriving[0] = 0
+        busy = queue.submit({"x": np.array([1])}, 1)  # a worker is now running a batch
+        time.sleep(0.1)
+        assert queue.run_inline_if_idle({"x": np.array([0])}, 1) is None
+        gate.set()
+        assert busy.result(5)["y"].tolist() == [1] and threads[-1] == "q-0"
+    finally:
+        gate.set()
+        queue.close()
+
+
+def test_large_tasks_are_refused_or_split():
+    queue = batching.BatchQueue(lambda i: {"y": i["x"] * 3}, _params(max_batch_size=4))
+    try:
+        with pytest.raises(jt.ApiError, match="Task size 9 is larger than maximum input batch size 4"):
+            queue.submit({"x": np.arange(9)}, 9)
+    finally:
+        queue.close()
+    splitting = batching.BatchQueue(lambda i: {"y": i["x"] * 3},
+                                    _params(max_batch_size=4, enable_large_batch_splitting=True))
+    try:
+        assert splitting.submit({"x": np.arange(9)}, 9).result(5)["y"].tolist() == list(range(0, 27, 3))
+    finally:
+        splitting.close()
+
+
+def test_a_full_queue_answers_unavailable():
+    gate = threading.Event()
+    queue = batching.BatchQueue(lambda i: (gate.wait(5), {"y": i["x"]})[1], _params(max_batch_size=2, max_enqueued_batches=1))
+    try:
+        queue.submit({"x": np.zeros(2)}, 2)  # taken by the worker, which then blocks
+        time.sleep(0.1)
+        queue.submit({"x": np.zeros(2)}, 2)  # one batch waiting: the limit
+        with pytest.raises(jt.ApiError) as err:
+            queue.submit({"x": np.zeros(1)}, 1)
+        assert err.value.code == "UNAVAILABLE" and err.value.http_status == 503
+    finally:
+        gate.set()
+        queue.close()
+
+
+def test_batch_rows_checks_the_0th_dimension():
+    assert batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(3)}) == 3
+    with pytest.raises(jt.ApiError, match="equal 0th-dimension"):
+        batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(2)})
+    with pytest.raises(jt.ApiError, match="at least one dimension"):
+        batching.batch_rows({"a": np.float32(1)})
+
+
+# --------------------------------------------------------------------------------------------
+# Model manager (a stand-in loader: the version logic without TensorFlow)
+# --------------------------------------------------------------------------------------------
+from serving import model_manager as mm  # noqa: E402
+
+
+class FakeServable(mm.Servable):
+    """Loads nothing; fails when the version folder holds a file named BROKEN."""
+
+    closed: list[int] = []
+
+    def __init__(self, name, version, path, options):
+        if (Path(path) / "BROKEN").exists():
+            raise jt.ApiError("DATA_LOSS", f"cannot read {path}/saved_model.pb")
+        self.name, self.version, self.path = name, version, Path(path)
+        self.signatures = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._closed = False
+        self._callables = {}
+        self.batch_queues = {}
+        self._session = self
+
+    def close(self):  # the "session"
+        FakeServable.closed.append(self.version)
+
+    def warm_up(self, iterations):
+        return 0
+
+
+def _manager(root: Path, labels=None, allow=True, policy=config_files.VersionPolicy("latest", 2)):
+    spec = config_files.ModelSpecConfig("m", root, policy, labels or {})
+    options = mm.ManagerOptions(max_num_load_retries=0, allow_version_labels_for_unavailable_models=allow)
+    return mm.ModelManager([spec], options, loader=FakeServable)
+
+
+def test_versions_come_and_go_with_the_policy(tmp_path):
+    for name in ("1", "2", ".tmp-export-123-456", "not-a-version", "3"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".last_version").write_text("3\n")
+    manager = _manager(tmp_path)
+    manager.poll_once()
+    assert manager.serving_versions("m") == [2, 3]
+    with manager.acquire("m") as servable:
+        assert servable.version == 3  # latest by default
+    (tmp_path / "4").mkdir()
+    manager.poll_once()
+    assert manager.serving_versions("m") == [3, 4]
+    states = {s.version: s.state for s in manager.status("m")}
+    assert states == {4: "AVAILABLE", 3: "AVAILABLE", 2: "END"}  # 1 was never aspired
+    assert [s.version for s in manager.status("m")] == [4, 3, 2]  # newest first
+
+
+def test_a_version_in_use_is_unloaded_only_when_released(tmp_path):
+    (tmp_path / "1").mkdir()
+    manager = _manager(tmp_path, policy=config_files.VersionPolicy("latest", 1))
+    manager.poll_once()
+    lease = manager.acquire("m", version=1)
+    (tmp_path / "2").mkdir()
+    FakeServable.closed.clear()
+    poll = threading.Thread(target=manager.poll_once)
+    poll.start()
+    time.sleep(0.3)
+    assert poll.is_alive() and FakeServable.closed == []  # waiting for the lease
+    assert manager.serving_versions("m") == [2]  # but new requests already get version 2
+    assert manager.status("m", 1)[0].state == "UNLOADING"
+    lease.release()
+    poll.join(5)
+    assert FakeServable.closed == [1] and manager.status("m", 1)[0].state == "END"
+
+
+def test_a_broken_version_is_reported_and_the_old_one_keeps_serving(tmp_path):
+    (tmp_path / "1").mkdir()
+    manager = _manager(tmp_path, policy=config_files.VersionPolicy("latest", 1))
+    manager.poll_once()
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "BROKEN").write_text("")
+    manager.poll_once()
+    broken = manager.status("m", 2)[0]
+    assert (broken.state, broken.error_code) == ("END", "DATA_LOSS")
+    assert "saved_model.pb" in broken.error_message
+    assert manager.serving_versions("m") == [1]  # availability preserved
+
+
+def test_requests_for_unknown_things(tmp_path):
+    (tmp_path / "1").mkdir()
+    manager = _manager(tmp_path, labels={"stable": 1, "canary": 5})
+    manager.poll_once()
+    with manager.acquire("m", label="stable") as servable:
+        assert servable.version == 1
+    cases = [
+        (dict(name="m", label="nope"), "INVALID_ARGUMENT", "Unrecognized servable version label: nope"),
+        (dict(name="m", label="canary"), "NOT_FOUND", "Servable not found for request: Specific(m, 5)"),
+        (dict(name="m", version=9), "NOT_FOUND", "Servable not found for request: Specific(m, 9)"),
+        (dict(name="other"), "NOT_FOUND", "Servable not found for request: Latest(other)"),
+    ]
+    for kwargs, code, message in cases:
+        with pytest.raises(jt.ApiError) as err:
+            manager.acquire(**kwargs)
+        assert (err.value.code, err.value.message) == (code, message)
+    with pytest.raises(jt.ApiError, match="Could not find version 9 of model m"):
+        manager.status("m", 9)
+    with pytest.raises(jt.ApiError, match="Could not find any versions of model other"):
+        manager.status("other")
+
+
+def test_labels_need_the_flag_before_versions_load(tmp_path):
+    with pytest.raises(jt.ApiError) as err:
+        _manager(tmp_path, labels={"stable": 1}, allow=False)
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert "Request to assign label to version 1 of model m, which is not currently available" in err.value.message
+
+
+# --------------------------------------------------------------------------------------------
+# Client-side checks, retries, CLI flags, Docker image check
+# --------------------------------------------------------------------------------------------
+PIXELS = TensorSpec("image", "DT_UINT8", (-1, 28, 28))
+
+
+def test_check_tensor_accepts_pixels_and_adds_the_batch_axis():
+    one = check_tensor(np.full((28, 28), 3, np.int64), PIXELS)
+    assert one.shape == (1, 28, 28) and one.dtype == np.uint8
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.zeros((2, 28, 28), np.float32), "send raw pixels 0-255"),
+    (np.zeros((2, 28, 27), np.uint8), "must have shape [N, 28, 28], got [2, 28, 27]"),
+    (np.full((1, 28, 28), 300), "takes values 0..255 (DT_UINT8), got 300..300"),
+    (np.zeros((0, 28, 28), np.uint8), "is empty"),
+])
+def test_check_tensor_refuses_what_tf_serving_would_mangle(value, message):
+    with pytest.raises(InputError) as err:
+        check_tensor(value, PIXELS, "images")
+    assert message in str(err.value)
+
+
+def test_retries_only_what_is_retryable():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ServerFailure("503", 503)
+        return "ok"
+
+    policy = RetryPolicy(attempts=4, initial_backoff=0.001, max_backoff=0.002)
+    assert with_retries(flaky, lambda e: 0.0 if isinstance(e, ServerFailure) else None, policy) == "ok"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(ValueError):
+        with_retries(lambda: calls.append(1) or (_ for _ in ()).throw(ValueError("400")), lambda e: None, policy)
+    assert len(calls) == 1
+    delays = list(RetryPolicy(attempts=5, initial_backoff=0.1, max_backoff=0.3).delays())
+    assert len(delays) == 4 and all(0 <= d <= 0.3 for d in delays)
+
+
+@pytest.mark.parametrize("argv", [["predict"], ["status", "x.png"], ["--version", "1", "--label", "a", "status"],
+                                  ["--nonsense", "status"], ["frobnicate"]])
+def test_query_flags_errors_exit_2(argv):
+    from serving import query
+
+    with pytest.raises(SystemExit) as err:
+        query.parse_args(argv)
+    assert err.value.code == 2
+
+
+def test_docker_check_parses_versions():
+    from serving import docker_check
+
+    out = "TensorFlow ModelServer: 2.21.0-rc0+dev.sha.abc\nTensorFlow Library: 2.21.0\n"
+    assert docker_check.parse_server_versions(out) == ("2.21.0-rc0+dev.sha.abc", "2.21.0")
+    assert docker_check.version_tuple("2.20.1") < docker_check.version_tuple("2.21.0")
+    with pytest.raises(ValueError):
+        docker_check.parse_server_versions("command not found")
+
+
+def test_server_flags_accept_tf_serving_spelling():
+    from model import configlib
+    from serving.server import ServeConfig, _normalise_flags
+
+    argv = _normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
+    config = configlib.parse_config(ServeConfig, argv)
+    assert (config.rest_api_port, config.enable_batching, config.model_config_file) == (9000, False, None)
