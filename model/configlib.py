@@ -90,6 +90,14 @@ def _converter(tp: Any, optional: bool):
     return convert
 
 
+def _show_default(value: Any) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return repr(value)
+
+
 def build_parser(config_cls: type, prog: str | None = None, description: str | None = None):
     """An argparse parser with one flag per field of `config_cls`, defaults from the class."""
     parser = argparse.ArgumentParser(
@@ -105,7 +113,7 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f.metadata.get("help", "") + f" (default: {f.default!r})",
+            "help": f.metadata.get("help", "") + f" (default: {_show_default(f.default)})",
         }
         if tp is bool and not optional:
             # --flag / --no-flag, the usual shape for switches.
