@@ -33,7 +33,7 @@ TFLITE_RUNTIME_STAMP := $(VENV_TFLITE_RUNTIME)/.setup-done
 
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables: DATA_DIR=<IDX folder>  REQUIRE_GPU=1  ARGS=\"--flag value ...\"  RUN=<run folder>"
 	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) MODEL_BASE=$(MODEL_BASE)"
@@ -105,6 +105,10 @@ distclean: clean ## Remove artifacts/ and the virtual environments
 .PHONY: export
 export: setup setup-tflite-runtime ## Export a run again: next SavedModel version + TFLite files (RUN=<run folder>, EXPORT_ARGS=)
 	$(PY) -m export --run $(RUN) $(EXPORT_ARGS)
+
+.PHONY: bench-export
+bench-export: setup setup-tflite-runtime ## Time a full export of RUN into a scratch base; size/accuracy/latency targets (JSON)
+	$(PY) -m export.bench --run $(RUN)
 
 # ---------------------------------------------------------------------------------------------
 # Serve (issue 4)

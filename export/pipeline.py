@@ -101,17 +101,22 @@ def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict
     Raises saved_model.GateRefused (nothing published), saved_model.ExportError,
     tflite.TFLiteError.
     """
+    import time
+
     import keras
 
     from export import saved_model, tflite
 
+    started = time.perf_counter()
     run_dir = Path(config.run).resolve()
     run_metrics = configlib_load_json(run_dir / contract.RUN_METRICS_FILE)
     model = keras.models.load_model(run_dir / contract.RUN_MODEL_FILE, compile=False)
     run_data = load_run_data(config)
     summary: dict[str, Any] = {"run": str(run_dir)}
 
+    seconds: dict[str, float] = {"load": round(time.perf_counter() - started, 2)}
     if config.saved_model:
+        stage = time.perf_counter()
         model_dir = Path(config.serving_base) / config.model_name
         summary["saved_model"] = saved_model.export_saved_model(
             model, model_dir, run_data.test_images, run_data.test_labels,
@@ -122,7 +127,9 @@ def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict
             before_rename=lambda tmp: configlib.save_config(config, tmp / "assets.extra" / "export_config.json"),
             log=log,
         )
+        seconds["saved_model"] = round(time.perf_counter() - stage, 2)
     if config.tflite:
+        stage = time.perf_counter()
         builds = Path(config.tflite_builds)
         name = run_dir.name
         out_dir, n = builds / name, 1
@@ -140,7 +147,11 @@ def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict
         configlib.save_config(config, out_dir / "export_config.json")
         tflite.point_link_at(Path(config.mobile_dir), out_dir)
         summary["tflite"] = {"directory": str(out_dir), "report": result.report}
+        seconds["tflite"] = round(time.perf_counter() - stage, 2)
         _log_tflite(result.report, Path(config.mobile_dir), log)
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    summary["seconds"] = seconds
+    log(f"Export finished in {seconds['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')})")
     return summary
 
 
