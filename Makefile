@@ -164,6 +164,23 @@ bench-serve: setup ## Benchmark the local server (REST/gRPC, batch 1/64, 1/8/32 
 # ---------------------------------------------------------------------------------------------
 # Raspberry Pi (issue 5)
 # ---------------------------------------------------------------------------------------------
+# pi-bundle / classify use PI_MODEL (default: the export's recommended model); the bundle's own
+# flags go in PI_BUNDLE_ARGS (ARGS belongs to whichever target runs it, e.g. pi-smoke).
+PI_MODEL ?= artifacts/mobile/mnist.tflite
+PI_BUNDLE ?= artifacts/mnist-pi.tar.gz
+PI_BUNDLE_ARGS ?=
+PICTURES ?=
+
+.PHONY: pi-bundle bench-mobile classify
+pi-bundle: setup ## Build artifacts/mnist-pi.tar.gz: Pi code, recommended model, labels, samples, requirements, README (PI_MODEL=)
+	$(PY) -m mobile.bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
+
+bench-mobile: setup setup-tflite-runtime ## Benchmark the Pi code here: accuracy per variant and on photos, CLI latency -> artifacts/bench/mobile.json (DATA_DIR=)
+	$(PY) -m mobile.bench $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
+classify: setup ## Classify pictures with the Pi CLI: make classify PICTURES="a.jpg b.png" [ARGS="--json --benchmark 1000"]
+	$(PY) -m mobile.classify --model $(PI_MODEL) $(ARGS) $(PICTURES)
+
 # pi-smoke: RUNTIME@RELEASE pairs run under arm64 emulation (Bookworm = Python 3.11, Trixie =
 # Python 3.13; tflite-runtime has no wheels past 3.11). Needs .ci/install-pi-tools (as root).
 PI_TARGETS ?= ai-edge-litert@bookworm,tflite-runtime@bookworm,ai-edge-litert@trixie
