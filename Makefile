@@ -173,10 +173,10 @@ PICTURES ?=
 
 .PHONY: pi-bundle bench-mobile classify
 pi-bundle: setup ## Build artifacts/mnist-pi.tar.gz: Pi code, recommended model, labels, samples, requirements, README (PI_MODEL=)
-	$(PY) -m mobile.bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
+	$(PY) -m export.pi_bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
 
 bench-mobile: setup setup-tflite-runtime ## Benchmark the Pi code here: accuracy per variant and on photos, CLI latency -> artifacts/bench/mobile.json (DATA_DIR=)
-	$(PY) -m mobile.bench $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m export.bench_mobile $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 classify: setup ## Classify pictures with the Pi CLI: make classify PICTURES="a.jpg b.png" [ARGS="--json --benchmark 1000"]
 	$(PY) -m mobile.classify --model $(PI_MODEL) $(ARGS) $(PICTURES)

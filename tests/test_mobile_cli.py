@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mobile import synth
+from export import photos as synth
 from model import idx
 
 REPO = Path(__file__).resolve().parents[1]

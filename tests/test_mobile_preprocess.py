@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mobile import preprocess as pre
-from mobile import synth
+from export import photos as synth
 from mobile.runtime import Classifier
 from model import idx
 

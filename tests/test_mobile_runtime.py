@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import mobile
-from mobile import preprocess, synth
+from export import photos as synth
+from mobile import preprocess
 from mobile.runtime import (
     MAX_BATCH,
     Classifier,

@@ -45,7 +45,7 @@ from tests.arm64.emulation import EmulationError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_DATA_DIR = REPO_ROOT / "tests" / "data"
 
-# The bundle's fixed layout (written by mobile/bundle.py).
+# The bundle's fixed layout (written by export/pi_bundle.py).
 BUNDLE_TOP = "mnist-pi"
 BUNDLE_MODEL = "mnist.tflite"
 BUNDLE_REQUIRED = (

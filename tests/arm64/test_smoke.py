@@ -23,7 +23,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def make_bundle(path: Path, files: dict[str, bytes]) -> Path:
-    """A tar.gz holding `files` (name -> content), like mobile/bundle.py's output."""
+    """A tar.gz holding `files` (name -> content), like export/pi_bundle.py's output."""
     with tarfile.open(path, "w:gz") as tar:
         for name, content in files.items():
             info = tarfile.TarInfo(name)

@@ -1,6 +1,6 @@
 """Benchmark the Pi code on this machine: accuracy and latency through the mobile runtime.
 
-    python -m mobile.bench [--data-dir ../shared/datasets/mnist]     (make bench-mobile)
+    python -m export.bench_mobile [--data-dir ../shared/datasets/mnist]     (make bench-mobile)
 
 Writes `artifacts/bench/mobile.json` (and the resolved config beside it):
 
@@ -11,7 +11,7 @@ Writes `artifacts/bench/mobile.json` (and the resolved config beside it):
   mobile.classify --json` on the test digits written as 28x28 PNGs, so decoding and the
   MNIST pass-through are included), once per runtime: ai-edge-litert from this Python,
   tflite-runtime from `--tflite-runtime-python` when that venv exists.
-- `photos`: `--photos` synthetic photos of handwritten digits on paper (mobile/synth.py: dark
+- `photos`: `--photos` synthetic photos of handwritten digits on paper (export/photos.py: dark
   ink, off-centre, any size, uneven light and shadows, noise, JPEG) made from the first test
   digits: accuracy with the preprocessing (mobile.preprocess.to_mnist), without it (grey +
   resize, `--no-preprocess`), and on the same digits clean, per variant; and the time the
@@ -25,7 +25,6 @@ A development-machine tool (it reads MNIST through model/idx.py); not part of th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -40,16 +39,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-# model/ (configlib, idx) is imported inside the functions that use it: importing anything
-# under mobile/ needs neither TensorFlow nor the rest of the kit.
+from model import configlib
+from model.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CHUNK = 1000  # pictures per CLI call (keeps the command line short)
-
-
-def field(default, help: str):  # noqa: A002 - the same shape as model.configlib.field
-    """A dataclass field whose help text model.configlib turns into the flag's --help."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -68,8 +62,6 @@ class MobileBenchConfig:
     out: Path = field(Path("artifacts/bench/mobile.json"), "where to write the results")
 
     def validate(self) -> None:
-        from model.configlib import ConfigError
-
         if not (Path(self.models_dir) / "mnist.tflite").is_file():
             raise ConfigError(f"--models-dir {self.models_dir}: no mnist.tflite there. Run make train / make export first.")
         if self.photos < 1 or self.latency_runs < 1 or self.threads < 1:
@@ -118,7 +110,8 @@ def _runtimes(config: MobileBenchConfig) -> dict[str, Path]:
 
 def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything the module docstring lists; returns the JSON-ready result."""
-    from mobile import preprocess, synth
+    from export import photos
+    from mobile import preprocess
     from mobile.runtime import Classifier, ModelError
     from model import idx
 
@@ -185,7 +178,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
         count = min(config.photos, len(test.labels))
         rng = np.random.default_rng(config.seed)
         start = time.perf_counter()
-        photos = [synth.synthesize_photo(image, rng) for image in test.images[:count]]
+        photos = [photos.synthesize_photo(image, rng) for image in test.images[:count]]
         synth_seconds = time.perf_counter() - start
         prepared, naive, prep_seconds, failures = [], [], [], 0
         for photo in photos:
@@ -236,9 +229,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model import configlib
-
-    config = configlib.parse_config(MobileBenchConfig, argv, prog="python -m mobile.bench")
+    config = configlib.parse_config(MobileBenchConfig, argv, prog="python -m export.bench_mobile")
     try:
         result = run_benchmark(config)
     except (OSError, ValueError, RuntimeError) as err:  # idx.IdxError is a ValueError

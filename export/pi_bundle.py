@@ -1,7 +1,7 @@
 """Build the Raspberry Pi bundle: one archive to copy to the Pi.
 
-    python -m mobile.bundle                       (make pi-bundle)
-    python -m mobile.bundle --model artifacts/tflite/<build>/float32.tflite --out /tmp/pi.tar.gz
+    python -m export.pi_bundle                    (make pi-bundle)
+    python -m export.pi_bundle --model artifacts/tflite/<build>/float32.tflite --out /tmp/pi.tar.gz
 
 `artifacts/mnist-pi.tar.gz` holds one folder, `mnist-pi/`:
 
@@ -10,22 +10,22 @@
     samples/                         photos of handwritten digits, <digit>-<kind>.<ext>
     requirements.txt                 ai-edge-litert + numpy 2 + Pillow (requirements/pi.txt)
     requirements-tflite-runtime.txt  tflite-runtime 2.14.0 + numpy 1.26 + Pillow
-    README.md                        install and run on the Pi (mobile/pi_readme.md + facts)
+    README.md                        install and run on the Pi (export/pi_readme.md + facts)
     SHA256SUMS                       `sha256sum -c SHA256SUMS` after copying
 
-The samples are synthetic JPEG photos (mobile/synth.py) of MNIST test digits, one per class,
+The samples are synthetic JPEG photos (export/photos.py) of MNIST test digits, one per class,
 plus a light-on-dark PNG and a raw 28x28 MNIST PNG; for each class the first test digit whose photo
 this model classifies right with probability >= 0.9 is used, so the samples demonstrate the
 kit rather than measure it (`make bench-mobile` measures). The archive is reproducible: fixed
 order, owners and timestamps. It is written beside its target and renamed into place; the
 resolved config is saved beside it as `<name>.config.json`.
 
-A development-machine tool (it reads MNIST through model/idx.py); not part of the bundle.
+A development-machine tool (it reads MNIST through model/idx.py), so it lives here and not in
+mobile/, which holds exactly what runs on the Pi.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import io
@@ -41,9 +41,8 @@ import numpy as np
 from PIL import Image
 
 import mobile
-
-# model/ (configlib, idx) is imported inside the functions that use it: the Pi-side rule is
-# that importing anything under mobile/ needs neither TensorFlow nor the rest of the kit.
+from model import configlib
+from model.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "mnist-pi"
@@ -57,11 +56,6 @@ REQUIREMENTS = {
 SAMPLE_MIN_PROBABILITY = 0.9
 
 
-def field(default, help: str):  # noqa: A002 - the same shape as model.configlib.field
-    """A dataclass field whose help text model.configlib turns into the flag's --help."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class BundleConfig:
     """Build the Raspberry Pi bundle (artifacts/mnist-pi.tar.gz)."""
@@ -73,8 +67,6 @@ class BundleConfig:
     seed: int = field(0, "seed of the sample photos")
 
     def validate(self) -> None:
-        from model.configlib import ConfigError
-
         if not Path(self.model).is_file():
             raise ConfigError(
                 f"--model {self.model}: not found. Run make train / make export first (they write "
@@ -112,7 +104,8 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     Each is checked through the shipped code path (to_mnist + the model) and must come out as
     its digit with probability >= SAMPLE_MIN_PROBABILITY.
     """
-    from mobile import preprocess, synth
+    from export import photos
+    from mobile import preprocess
     from mobile.runtime import Classifier
     from model import idx
 
@@ -130,7 +123,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     samples: dict[str, bytes] = {}
     for digit in range(classes):
         for index in np.flatnonzero(test.labels == digit)[:50]:
-            photo = synth.synthesize_photo(test.images[index], np.random.default_rng([seed, int(index)]))
+            photo = photos.synthesize_photo(test.images[index], np.random.default_rng([seed, int(index)]))
             # JPEG photos only: a noisy photo as PNG is 10x larger (the PNG samples are below).
             if photo.format == "jpeg" and confident(photo.rgb, digit):
                 samples[f"{digit}-photo.{photo.extension}"] = photo.data
@@ -158,8 +151,8 @@ def _upscaled_on_paper(digit: np.ndarray) -> np.ndarray:
 
 
 def _readme(config: BundleConfig, model_bytes: bytes) -> str:
-    """mobile/pi_readme.md plus what this bundle holds (model variant, accuracy, checksum)."""
-    text = (Path(mobile.__file__).parent / "pi_readme.md").read_text(encoding="utf-8")
+    """export/pi_readme.md plus what this bundle holds (model variant, accuracy, checksum)."""
+    text = (Path(__file__).with_name("pi_readme.md")).read_text(encoding="utf-8")
     facts = [f"- model: `mnist.tflite`, {len(model_bytes):,} bytes, sha256 `{hashlib.sha256(model_bytes).hexdigest()[:16]}...`"]
     report_path = Path(config.model).with_name("report.json")
     if report_path.is_file():
@@ -222,8 +215,6 @@ def build_bundle(config: BundleConfig, log: Callable[[str], None] = print) -> Pa
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    from model import configlib
-
     configlib.save_config(config, out.with_name(out.name[: -len(".tar.gz")] + ".config.json"))
     samples = sorted(name for name in entries if name.startswith("samples/"))
     log(f"wrote {out} ({len(archive):,} bytes): {len(entries)} files, {len(samples)} samples")
@@ -231,9 +222,7 @@ def build_bundle(config: BundleConfig, log: Callable[[str], None] = print) -> Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model import configlib
-
-    config = configlib.parse_config(BundleConfig, argv, prog="python -m mobile.bundle")
+    config = configlib.parse_config(BundleConfig, argv, prog="python -m export.pi_bundle")
     try:
         build_bundle(config)
     except (OSError, ValueError, RuntimeError) as err:
