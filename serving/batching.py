@@ -54,18 +54,31 @@ class _Task:
 
 
 class BatchQueue:
-    """Tasks that can share a model call, and the worker threads that run them."""
+    """Tasks that can share a model call, and the worker threads that run them.
+
+    Wake-ups are kept to what the work needs, because on a small machine each one (a thread
+    switch and a GIL hand-off) costs about as much CPU as a small model run: a submit wakes
+    one idle worker only when no awake worker will take the new rows, and a worker waiting
+    for its batch to fill is woken only when the batch is full or nothing else is arriving.
+    """
 
     def __init__(self, run: RunFn, params: BatchingParameters,
                  on_batch: Callable[[int, int], None] | None = None,
                  arriving: Callable[[], int] = lambda: 0, arrival_wait: float = 0.0,
-                 name: str = "batch"):
+                 name: str = "batch", in_flight: Callable[[], int] | None = None):
         self._run = run
         self._params = params
         self._on_batch = on_batch or (lambda rows, padded: None)
         self._arriving = arriving
+        self._in_flight = in_flight
         self._arrival_wait = arrival_wait
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # idle workers wait here for tasks
+        self._fill = threading.Condition(self._lock)  # a worker waits here for its batch to fill
+        self._idle = 0  # workers waiting on _work
+        self._waking = 0  # of those, notified and not yet back
+        self._filling = 0  # workers waiting on _fill
+        self._filling_for_arrivals = False  # ...for arrivals (else for batch_timeout_micros)
         self._pending: deque[_Task] = deque()
         self._pending_rows = 0
         self._running = 0  # batches being run right now (by workers or inline)
@@ -77,10 +90,12 @@ class BatchQueue:
 
     def close(self) -> None:
         """Stop the workers; tasks still queued fail with UNAVAILABLE."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             pending, self._pending = list(self._pending), deque()
-            self._cond.notify_all()
+            self._pending_rows = 0
+            self._work.notify_all()
+            self._fill.notify_all()
         for task in pending:
             if task.future.set_running_or_notify_cancel():
                 task.future.set_exception(jt.ApiError("UNAVAILABLE", "the model version was unloaded"))
@@ -90,35 +105,78 @@ class BatchQueue:
 
         Raises ApiError at once for a task that is too large or a full queue.
         """
+        future: Future = Future()
+        error = self._enqueue([(inputs, rows, future)])[0]
+        if error is not None:
+            raise error
+        return future
+
+    def submit_all(self, tasks: list[tuple[dict[str, np.ndarray], int, Future]]) -> None:
+        """Queue several requests at once (one lock, at most one wake-up): (inputs, rows,
+        Future) each. A task that cannot be queued gets its error through its Future."""
+        for (_inputs, _rows, future), error in zip(tasks, self._enqueue(tasks)):
+            if error is not None and future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
+    def _enqueue(self, tasks: list[tuple[dict[str, np.ndarray], int, Future]]) -> list[jt.ApiError | None]:
         p = self._params
-        if rows > p.max_batch_size:
-            if not p.enable_large_batch_splitting:
-                raise jt.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}")
-            piece = min(p.max_execution_batch_size or p.max_batch_size, p.max_batch_size)
-            return _gather([self.submit({k: v[i : i + piece] for k, v in inputs.items()}, min(piece, rows - i))
-                            for i in range(0, rows, piece)])
-        task = _Task(inputs, rows, Future())
-        with self._cond:
-            if self._closed:
-                raise jt.ApiError("UNAVAILABLE", "the model version was unloaded")
-            if -(-(self._pending_rows + rows) // p.max_batch_size) > p.max_enqueued_batches:
-                raise jt.ApiError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
-            self._pending.append(task)
-            self._pending_rows += rows
-            self._cond.notify_all()
-        return task.future
+        errors: list[jt.ApiError | None] = []
+        queued: list[tuple[_Task, ...]] = []
+        for inputs, rows, future in tasks:
+            if rows > p.max_batch_size and not p.enable_large_batch_splitting:
+                errors.append(jt.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}"))
+                queued.append(())
+                continue
+            errors.append(None)
+            if rows > p.max_batch_size:
+                # Run in pieces of max_execution_batch_size rows; `future` gets them joined.
+                piece = min(p.max_execution_batch_size or p.max_batch_size, p.max_batch_size)
+                parts = tuple(_Task({k: v[i : i + piece] for k, v in inputs.items()}, min(piece, rows - i), Future())
+                              for i in range(0, rows, piece))
+                _gather([t.future for t in parts], future)
+                queued.append(parts)
+            else:
+                queued.append((_Task(inputs, rows, future),))
+        with self._lock:
+            for i, parts in enumerate(queued):
+                if not parts:
+                    continue
+                rows = sum(t.rows for t in parts)
+                if self._closed:
+                    errors[i] = jt.ApiError("UNAVAILABLE", "the model version was unloaded")
+                elif -(-(self._pending_rows + rows) // p.max_batch_size) > p.max_enqueued_batches:
+                    errors[i] = jt.ApiError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
+                else:
+                    self._pending.extend(parts)
+                    self._pending_rows += rows
+            if self._pending:
+                self._wake_workers()
+        return errors
+
+    def _wake_workers(self) -> None:
+        # With the lock held, after tasks were queued.
+        p = self._params
+        if self._filling and (self._pending_rows >= p.max_batch_size
+                              or (self._filling_for_arrivals and not self._more_coming())):
+            self._fill.notify_all()
+        # Each awake worker will take up to max_batch_size rows: wake an idle one for the rest.
+        claimed = (self._waking + self._filling) * p.max_batch_size
+        if self._idle > self._waking and self._pending_rows > claimed:
+            self._waking += 1
+            self._work.notify()
 
     def run_inline_if_idle(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
-        """Run a task in the calling thread when nothing else is queued, running or arriving.
+        """Run a task in the calling thread when nothing else is queued, running, arriving
+        or in flight.
 
-        For callers that are threads anyway (gRPC handlers): a lone request skips the two
-        thread hand-offs through a worker. Returns None (queue it instead) when the queue is
-        not idle, so batching under load is unchanged.
+        A lone request skips the two thread hand-offs through a worker. Returns None (queue
+        it instead) when anything else is going on, so batching under load is unchanged.
         """
         p = self._params
-        with self._cond:
+        with self._lock:
             if (self._pending or self._running or self._closed or rows > p.max_batch_size
-                    or p.allowed_batch_sizes or self._arriving() > 0):
+                    or p.allowed_batch_sizes or self._arriving() > 0
+                    or (self._in_flight is not None and self._in_flight() > 1)):
                 return None
             self._running += 1
         try:
@@ -131,9 +189,16 @@ class BatchQueue:
             self._on_batch(rows, rows)
             return outputs
         finally:
-            with self._cond:
+            with self._lock:
                 self._running -= 1
-                self._cond.notify_all()
+
+    def _more_coming(self) -> bool:
+        """(Lock held.) Could more requests join the waiting batch soon? Yes while some are
+        arriving, or while the server holds requests that are not queued here (being read,
+        run in another batch, answered: their clients will be back)."""
+        if self._arriving() > 0:
+            return True
+        return self._in_flight is not None and self._in_flight() > len(self._pending)
 
     # -- workers -----------------------------------------------------------------------------
     def _take_batch(self) -> list[_Task]:
@@ -147,37 +212,50 @@ class BatchQueue:
             size += task.rows
         return batch
 
-    def _wait_until(self, deadline: float, more_expected: Callable[[], bool]) -> None:
+    def _wait_until(self, deadline: float, for_arrivals: bool) -> None:
+        # With the lock held: until the batch is full, the deadline passes or (for_arrivals)
+        # nothing else is on its way. Submits wake us only when one of those holds.
         while (self._pending and self._pending_rows < self._params.max_batch_size
-               and more_expected() and not self._closed):
+               and not self._closed and (not for_arrivals or self._more_coming())):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._cond.wait(left)
+            self._filling += 1
+            self._filling_for_arrivals = for_arrivals
+            try:
+                self._fill.wait(left)
+            finally:
+                self._filling -= 1
 
     def _worker(self) -> None:
         p = self._params
         timeout = p.batch_timeout_micros / 1e6
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._pending and not self._closed:
-                    self._cond.wait()
+                    self._idle += 1
+                    try:
+                        self._work.wait()
+                    finally:
+                        self._idle -= 1
+                        self._waking = max(0, self._waking - 1)
                 if self._closed:
                     return
                 if timeout > 0:
                     # Give the batch until its oldest task is `timeout` old to fill up.
-                    self._wait_until(self._pending[0].enqueued + timeout, lambda: True)
+                    self._wait_until(self._pending[0].enqueued + timeout, for_arrivals=False)
                 if self._arrival_wait > 0 and self._pending:
                     # Wait, briefly, for requests already accepted and on their way here.
-                    self._wait_until(self._pending[0].enqueued + self._arrival_wait,
-                                     lambda: self._arriving() > 0)
+                    self._wait_until(self._pending[0].enqueued + self._arrival_wait, for_arrivals=True)
                 batch = self._take_batch()
                 self._running += bool(batch)
+                if self._pending:
+                    self._wake_workers()  # more than one batch was waiting: another worker's turn
             if batch:
                 try:
                     self._process(batch)
                 finally:
-                    with self._cond:
+                    with self._lock:
                         self._running -= 1
 
     def _process(self, batch: list[_Task]) -> None:
@@ -214,10 +292,9 @@ class BatchQueue:
             start += task.rows
 
 
-def _gather(parts: list[Future]) -> Future:
-    """One Future for the pieces of a split task: outputs concatenated in order."""
-    whole: Future = Future()
-    whole.set_running_or_notify_cancel()
+def _gather(parts: list[Future], whole: Future) -> None:
+    """Complete `whole` when the pieces of a split task are done: their outputs concatenated
+    in order, or the first error. A cancelled `whole` (the client gave up) is left alone."""
     lock = threading.Lock()
     remaining = [len(parts)]
 
@@ -226,6 +303,8 @@ def _gather(parts: list[Future]) -> Future:
             remaining[0] -= 1
             if remaining[0]:
                 return
+        if not whole.set_running_or_notify_cancel():
+            return
         for part in parts:
             if part.exception() is not None:
                 whole.set_exception(part.exception())
@@ -235,7 +314,6 @@ def _gather(parts: list[Future]) -> Future:
 
     for part in parts:
         part.add_done_callback(done)
-    return whole
 
 
 def _padded_size(rows: int, allowed: tuple[int, ...]) -> int:

@@ -40,6 +40,7 @@ log = logging.getLogger("serving.models")
 
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
 MAX_WARMUP_RECORDS = 1000  # TF Serving refuses warm-up files with more records
+_MAX_CACHED = 64  # validation answers kept per version (distinct signature/input/filter combinations)
 
 
 @dataclass
@@ -95,6 +96,12 @@ class Servable:
             inter_op_parallelism_threads=options.inter_op_parallelism,
             allow_soft_placement=True,
         )
+        # One inter-op thread runs the graph's ops one after another anyway: let the calling
+        # thread do it (RunOptions.inter_op_thread_pool = -1 below) instead of handing every
+        # run to a pool thread and waiting for it, two thread switches per run.
+        self._run_in_caller = options.inter_op_parallelism == 1
+        if self._run_in_caller:
+            config.session_inter_op_thread_pool.add(num_threads=1)
         self._session = tf.compat.v1.Session(graph=self._graph, config=config)
         try:
             with self._graph.as_default():
@@ -106,6 +113,10 @@ class Servable:
             raise
         self.signatures = dict(self.meta_graph_def.signature_def)
         self._callables: dict[tuple, Callable] = {}
+        # Answers of input_dtypes / prepare for requests already seen: reading the signature
+        # protos costs more than the rest of a small request's validation.
+        self._input_dtypes: dict[str, dict[str, int]] = {}
+        self._prepared: dict[tuple, tuple[str, list[str], list[str]]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
@@ -138,10 +149,16 @@ class Servable:
     # -- running -----------------------------------------------------------------------------
     def input_dtypes(self, signature_name: str) -> dict[str, int]:
         """REST's GetInfoMap: {input alias: DataType} of a signature ('' = serving_default)."""
+        dtypes = self._input_dtypes.get(signature_name)
+        if dtypes is not None:
+            return dtypes
         key = signature_name or "serving_default"
         if key not in self.signatures:
             raise jt.invalid(f'Serving signature name: "{key}" not found in signature def')
-        return {alias: int(info.dtype) for alias, info in self.signatures[key].inputs.items()}
+        dtypes = {alias: int(info.dtype) for alias, info in self.signatures[key].inputs.items()}
+        if len(self._input_dtypes) < _MAX_CACHED:
+            self._input_dtypes[signature_name] = dtypes
+        return dtypes
 
     def prepare(self, signature_name: str, inputs: dict[str, np.ndarray],
                 output_filter: Iterable[str] = ()) -> tuple[str, list[str], list[str]]:
@@ -150,6 +167,20 @@ class Servable:
         Raises ApiError with TF Serving's messages: unknown signature (FAILED_PRECONDITION),
         input count/name mismatch, dtype mismatch, unknown or duplicate output filter.
         """
+        # The checks depend only on these names and dtypes: a request like one already
+        # accepted is accepted again without reading the signature protos.
+        cache_key = (signature_name, tuple(output_filter),
+                     *((alias, array.dtype) for alias, array in inputs.items()))
+        prepared = self._prepared.get(cache_key)
+        if prepared is not None:
+            return prepared
+        prepared = self._prepare(signature_name, inputs, cache_key[1])
+        if len(self._prepared) < _MAX_CACHED:
+            self._prepared[cache_key] = prepared
+        return prepared
+
+    def _prepare(self, signature_name: str, inputs: dict[str, np.ndarray],
+                 output_filter: Iterable[str]) -> tuple[str, list[str], list[str]]:
         key = signature_name or "serving_default"
         signature = self.signatures.get(key)
         if signature is None:
@@ -224,6 +255,8 @@ class Servable:
                 # A callable made from CallableOptions runs the C++ session directly: feeds are
                 # not shape-checked or cast on the Python side, as in TF Serving's Session::Run.
                 options = config_pb2.CallableOptions(feed=list(feeds), fetch=list(fetches))
+                if self._run_in_caller:
+                    options.run_options.inter_op_thread_pool = -1
                 fn = self._session._make_callable_from_options(options)  # noqa: SLF001
                 self._callables[key] = fn
         return fn

@@ -584,3 +584,24 @@ def test_server_flags_accept_tf_serving_spelling():
     argv = _normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
     config = configlib.parse_config(ServeConfig, argv)
     assert (config.rest_api_port, config.enable_batching, config.model_config_file) == (9000, False, None)
+
+
+# --- when a request may run on the event loop ------------------------------------------------
+def test_only_small_numeric_requests_arriving_alone_run_on_the_event_loop():
+    from serving import server
+
+    one = {"image": np.zeros((1, 28, 28), np.uint8)}
+    assert server._cheap(one)
+    assert not server._cheap({"image_bytes": np.array([b"png..."], dtype=object)})  # decoding: slow
+    assert not server._cheap({"image": np.zeros((64, 28, 28), np.uint8)})  # too many rows
+
+    core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None)
+    with core.arrival():
+        assert core._lone_request()  # the first request in a while, alone
+        with core.arrival():
+            assert not core._lone_request()  # two in flight
+    for _ in range(20):  # a stream of requests back to back (a server under load)
+        with core.arrival():
+            pass
+    with core.arrival():
+        assert not core._lone_request()
