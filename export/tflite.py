@@ -50,17 +50,53 @@ class TFLiteError(RuntimeError):
 # Conversion
 # --------------------------------------------------------------------------------------------
 
+def _static_flatten_chain(model):
+    """`model` as a function whose flatten reshapes to a constant [-1, features].
+
+    Keras' Flatten computes its target shape from tf.shape(x) at run time (SHAPE,
+    STRIDED_SLICE, PACK ops in the TFLite file). Such dynamic shapes make tflite-runtime
+    2.14 re-prepare every later op on each invoke and keep XNNPACK from taking the graph:
+    measured here, float32 151 -> 83 us and dynamic-range 277 -> 120 us per image with the
+    constant shape. Only for a single-input chain of layers (our MLP); anything else is
+    called as it is.
+    """
+    import keras
+    import tensorflow as tf
+
+    layers = model.layers[1:]  # after the InputLayer
+    is_chain = len(model.inputs) == 1 and len(model.outputs) == 1 and all(
+        len(layer._inbound_nodes) == 1 for layer in layers  # noqa: SLF001 - Keras graph walk
+    )
+    if not is_chain:
+        return lambda image: model(image, training=False)
+
+    def call(image):
+        x = image
+        for layer in layers:
+            if isinstance(layer, keras.layers.Flatten):
+                features = int(np.prod(x.shape[1:]))
+                x = tf.reshape(x, [-1, features])
+            else:
+                x = layer(x, training=False)
+        return x
+
+    return call
+
+
 def write_conversion_saved_model(model, directory: Path) -> Path:
     """A single-signature SavedModel (image -> probabilities) for the TFLite converter.
 
     The converter freezes variables only when converting from a SavedModel; the serving
     export's second output (`digit`, an int64 ArgMax) is left out: the device takes argmax.
+    The flatten becomes a constant-shape reshape (see _static_flatten_chain).
     """
     import keras
     import tensorflow as tf
 
+    forward = _static_flatten_chain(model)
+
     def serve(image):
-        return {contract.OUTPUT_PROBABILITIES: model(image, training=False)}
+        return {contract.OUTPUT_PROBABILITIES: forward(image)}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -204,7 +240,9 @@ class LiteModel:
 PROBE_SCRIPT = Path(__file__).with_name("tflite_probe.py")
 
 
-def probe_runtime(python: Path, models: Sequence[Path], images: np.ndarray, timeout: float = 300) -> dict[str, Any]:
+def probe_runtime(
+    python: Path, models: Sequence[Path], images: np.ndarray, latency_runs: int = 0, timeout: float = 600
+) -> dict[str, Any]:
     """Run tflite_probe.py with another interpreter (e.g. tflite-runtime's venv).
 
     Returns its JSON, or {"error": ...} when that Python or runtime is unavailable.
@@ -216,7 +254,8 @@ def probe_runtime(python: Path, models: Sequence[Path], images: np.ndarray, time
         npy = Path(scratch) / "images.npy"
         np.save(npy, images)
         proc = subprocess.run(
-            [str(python), str(PROBE_SCRIPT), "--images", str(npy), *map(str, models)],
+            [str(python), str(PROBE_SCRIPT), "--images", str(npy), "--latency-runs", str(latency_runs),
+             *map(str, models)],
             capture_output=True, text=True, timeout=timeout,
         )
     if proc.returncode != 0:
@@ -253,13 +292,15 @@ def write_report_markdown(report: dict[str, Any], path: Path) -> None:
         f"Keras model accuracy on {report['test_images']} test images: **{report['keras_accuracy']:.4f}**  ",
         f"Recommended: **{report['recommended']}** (copied to `{RECOMMENDED_FILE}`)",
         "",
-        "| variant | size (bytes) | accuracy | agreement with Keras | latency p50 (us) | latency p99 (us) | runtimes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| variant | size (bytes) | accuracy | agreement with Keras | latency p50 (us) | latency p99 (us) "
+        "| tflite-runtime p50 (us) | runtimes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for v in report["variants"]:
         lines.append(
             f"| {v['name']} | {v['size_bytes']:,} | {v['accuracy']:.4f} | {v['agreement']:.4f} | "
-            f"{v['latency_us_p50']:.1f} | {v['latency_us_p99']:.1f} | {', '.join(v['runtimes']) or 'none'} |"
+            f"{v['latency_us_p50']:.1f} | {v['latency_us_p99']:.1f} | "
+            f"{_fmt(v.get('tflite_runtime_latency_us_p50'))} | {', '.join(v['runtimes']) or 'none'} |"
         )
     failures = [(v["name"], rt, err) for v in report["variants"] for rt, err in v.get("runtime_errors", {}).items()]
     if failures:
@@ -267,11 +308,19 @@ def write_report_markdown(report: dict[str, Any], path: Path) -> None:
         lines += [f"- {name} in {rt}: {err}" for name, rt, err in failures]
     lines += [
         "",
-        "Latency: one image, one thread, ai-edge-litert on the export machine "
-        f"({report['latency_runs']} runs).",
+        "Latency: one image, one thread, on the export machine: ai-edge-litert "
+        f"({report['latency_runs']} runs) and tflite-runtime 2.14.0 ({max(1, report['latency_runs'] // 4)} runs).",
+        "tflite-runtime 2.14 does not hand this int8 graph to XNNPACK; its own int8 kernels take",
+        "milliseconds per image on this x86 machine where ai-edge-litert takes microseconds. On a 32-bit",
+        "Pi, time it with `python3 -m mobile.classify --benchmark 1000`; if int8 is too slow",
+        "there, ship dynamic.tflite instead (make pi-bundle PI_MODEL=artifacts/mobile/dynamic.tflite).",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def plot_size_accuracy(report: dict[str, Any], path: Path) -> None:
@@ -371,7 +420,10 @@ def export_tflite(
         # tflite-runtime 2.14.0: load and run every file on a sample, in its own environment.
         sample = test_images[:1000]
         if tflite_runtime_python is not None:
-            probe = probe_runtime(tflite_runtime_python, [tmp / f"{v}.tflite" for v in variants], sample)
+            probe = probe_runtime(
+                tflite_runtime_python, [tmp / f"{v}.tflite" for v in variants], sample,
+                latency_runs=max(1, latency_runs // 4),
+            )
             for record in records:
                 if "error" in probe:
                     record["runtime_errors"]["tflite-runtime"] = f"not checked: {probe['error']}"
@@ -381,6 +433,8 @@ def export_tflite(
                     lite_digits = LiteModel(tmp / record["path"]).predict(sample).argmax(axis=1)
                     agreement = float((np.asarray(result["digits"]) == lite_digits).mean())
                     record["tflite_runtime_agreement"] = agreement
+                    record["tflite_runtime_latency_us_p50"] = result.get("latency_us_p50")
+                    record["tflite_runtime_latency_us_p99"] = result.get("latency_us_p99")
                     record["runtimes"].append("tflite-runtime")
                 else:
                     record["runtime_errors"]["tflite-runtime"] = result["error"]

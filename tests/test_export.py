@@ -288,11 +288,25 @@ def test_every_variant_runs_in_both_runtimes(exported):
     for v in report["variants"]:
         assert v["runtimes"] == ["ai-edge-litert", "tflite-runtime"], (v["name"], v["runtime_errors"])
         assert v["tflite_runtime_agreement"] >= 0.99
+        assert 0 < v["tflite_runtime_latency_us_p50"] <= v["tflite_runtime_latency_us_p99"], v["name"]
     # The dynamic-range trap (FULLY_CONNECTED v12) is avoided, so int8 is the recommendation
     # whenever its accuracy holds up.
     by_name = {v["name"]: v for v in report["variants"]}
     if by_name["float32"]["accuracy"] - by_name["int8"]["accuracy"] <= tflite.INT8_MAX_ACCURACY_DROP:
         assert report["recommended"] == "int8"
+
+
+def test_flatten_has_a_constant_shape_in_every_variant(exported):
+    # Keras' Flatten computes its shape at run time (SHAPE, STRIDED_SLICE, PACK); the
+    # conversion replaces it with a constant reshape, which tflite-runtime runs about twice
+    # as fast (dynamic shapes re-prepare every op on each invoke).
+    from ai_edge_litert.interpreter import Interpreter
+
+    for name in tflite.VARIANTS:
+        interpreter = Interpreter(model_path=str(exported.mobile_dir / f"{name}.tflite"))
+        ops = {op["op_name"] for op in interpreter._get_ops_details()}  # noqa: SLF001
+        assert "FULLY_CONNECTED" in ops and "RESHAPE" in ops, (name, ops)
+        assert not ops & {"SHAPE", "STRIDED_SLICE", "PACK"}, (name, ops)
 
 
 def test_int8_takes_raw_uint8_and_is_small(exported):
