@@ -277,7 +277,8 @@ def ensure_sysroot(
     `<cache_dir>/sysroot-<release>-py<X.Y>/`. A tree is reused only when its stamp names the
     same packages and mirror, so a killed or outdated build is never mistaken for a good one.
     """
-    final = sysroot_dir(cache_dir, release)
+    # Absolute: qemu's -L and the interpreter path are used from other working directories.
+    final = sysroot_dir(Path(cache_dir).resolve(), release)
     with _locked(final.parent, final.name):
         cached = _sysroot_from_stamp(final, release, mirror)
         if cached is not None:
@@ -386,7 +387,7 @@ def ensure_wheels(
         "requirements_sha256": hashlib.sha256(req_text.encode()).hexdigest(),
         "platforms": list(WHEEL_PLATFORMS),
     }
-    final = wheels_dir(cache_dir, runtime.name, python)
+    final = wheels_dir(Path(cache_dir).resolve(), runtime.name, python)
     with _locked(final.parent, final.name):
         stamp = _read_stamp(final / WHEELS_STAMP)
         if stamp and {k: stamp.get(k) for k in key} == key:
