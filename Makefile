@@ -80,6 +80,13 @@ train: setup setup-tflite-runtime ## Check the GPU, train on MNIST, evaluate, th
 	$(PY) -m model.train $(TRAIN_FLAGS) $(ARGS)
 	$(PY) -m export --run artifacts/runs/latest $(EXPORT_ARGS)
 
+.PHONY: bench
+bench: ## Every benchmark: bench-train, bench-export, bench-serve, bench-mobile (JSON under artifacts/bench/)
+	$(MAKE) --no-print-directory bench-train
+	$(MAKE) --no-print-directory bench-export
+	$(MAKE) --no-print-directory bench-serve ARGS=
+	$(MAKE) --no-print-directory bench-mobile ARGS=
+
 .PHONY: bench-train
 bench-train: setup ## Benchmark training: per-epoch time, samples/s, tf.data throughput, accuracy (JSON)
 	$(PY) -m model.bench $(TRAIN_FLAGS) $(ARGS)
@@ -88,7 +95,7 @@ bench-train: setup ## Benchmark training: per-epoch time, samples/s, tf.data thr
 # Test
 # ---------------------------------------------------------------------------------------------
 .PHONY: test
-test: setup setup-tflite-runtime ## Run the test suite (about 15 minutes on 2 CPU cores)
+test: setup setup-tflite-runtime ## Run the test suite (5-10 minutes on 2 CPU cores)
 	$(PY) -m pytest $(TEST_ARGS)
 
 .PHONY: clean

@@ -358,6 +358,27 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+_BATCH_METRIC = ":tensorflow:serving:batching_session:processed_batch_size"
+
+
+def _batches_run(rest_url: str) -> tuple[float, float] | None:
+    """(rows, batches) the server has run so far, from its own Prometheus page; None where
+    that page is off or unreachable."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{rest_url}/monitoring/prometheus/metrics", timeout=10) as response:
+            text = response.read().decode("utf-8")
+    except OSError:
+        return None
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        for suffix in totals:
+            if line.startswith(_BATCH_METRIC + suffix + "{"):
+                totals[suffix] += float(line.rsplit(" ", 1)[1])
+    return totals["_sum"], totals["_count"]
+
+
 def _load_client_modules(protocols: Sequence[str]) -> None:
     """Import what the load generator uses before any cell is measured, then exempt it all
     from garbage collection: otherwise the first gRPC cell's client CPU would include
@@ -395,7 +416,13 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
             for batch in config.batch_sizes:
                 for concurrency in config.concurrency:
                     server_cpu, client_cpu = _process_cpu(server.proc.pid), _own_cpu()
+                    batches_before = _batches_run(server.rest_url)
                     cell = asyncio.run(run_scenario(protocol, endpoint, images, batch, concurrency, config))
+                    batches_after = _batches_run(server.rest_url)
+                    if batches_before and batches_after and batches_after[1] > batches_before[1]:
+                        # Rows per model run (warm-up included): how much batching happened.
+                        cell["mean_rows_per_model_run"] = round(
+                            (batches_after[0] - batches_before[0]) / (batches_after[1] - batches_before[1]), 2)
                     # CPU seconds per request (warm-up included), for both sides: what the
                     # throughput costs, whatever share of the machine others left us.
                     total = cell["requests"] * (config.duration + config.warmup) / config.duration
@@ -407,7 +434,8 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
                         f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
                         f"{cell['predictions_per_s']:8.0f} predictions/s  errors {cell['errors']}  "
                         f"CPU/request server {cell.get('server_cpu_ms_per_request', float('nan')):.2f} ms "
-                        f"client {cell['client_cpu_ms_per_request']:.2f} ms")
+                        f"client {cell['client_cpu_ms_per_request']:.2f} ms  "
+                        f"rows/run {cell.get('mean_rows_per_model_run', float('nan')):.1f}")
         exit_status = server.stop()
     report = {
         "results": results,

@@ -605,3 +605,32 @@ def test_only_small_numeric_requests_arriving_alone_run_on_the_event_loop():
             pass
     with core.arrival():
         assert not core._lone_request()
+
+
+def test_grpc_requests_are_gathered_only_while_others_are_in_flight():
+    import asyncio
+
+    from serving import server
+
+    core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None, gather_wait=0.001)
+
+    async def check() -> None:
+        assert core.loop_handoff() is core.loop_handoff()
+        assert core.loop_handoff(gather=True) is not core.loop_handoff()
+        with core.arrival():
+            assert core._gather_for() == 0.0  # alone: never held
+            with core.arrival():
+                assert core._gather_for() == 0.001
+                assert core.loop_handoff()._gather_for() == 0.0  # REST's hand-off does not hold
+                assert core.loop_handoff(gather=True)._gather_for() == 0.001
+
+    asyncio.run(check())
+
+
+def test_server_flags_out_of_range_are_refused():
+    from serving import server
+
+    for flag in ("batch_arrival_wait_ms", "grpc_batch_gather_ms"):
+        config = server.ServeConfig(**{flag: -1.0})
+        with pytest.raises(server.ConfigError, match=flag.replace("_", "-")):
+            config.validate()
