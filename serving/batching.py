@@ -166,8 +166,8 @@ class BatchQueue:
             self._work.notify()
 
     def run_inline_if_idle(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
-        """Run a task in the calling thread when nothing else is queued, running, arriving
-        or in flight.
+        """Run a task in the calling thread when nothing else is queued, running or arriving
+        (whether the request is alone in the server is the caller's call).
 
         A lone request skips the two thread hand-offs through a worker. Returns None (queue
         it instead) when anything else is going on, so batching under load is unchanged.
@@ -175,8 +175,7 @@ class BatchQueue:
         p = self._params
         with self._lock:
             if (self._pending or self._running or self._closed or rows > p.max_batch_size
-                    or p.allowed_batch_sizes or self._arriving() > 0
-                    or (self._in_flight is not None and self._in_flight() > 1)):
+                    or p.allowed_batch_sizes or self._arriving() > 0):
                 return None
             self._running += 1
         try:

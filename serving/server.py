@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import gc
 import logging
-import math
 import os
 import re
 import signal
@@ -161,7 +160,7 @@ class StartupError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # The shared core: model access and prediction, for both protocols
 # --------------------------------------------------------------------------------------------
-# See ServingCore.predict_on_loop: below ~1,000 requests/s, a lone request for at most this
+# See ServingCore.predict: below ~1,000 requests/s, a lone request for at most this
 # many bytes of numbers runs on the event loop (an MNIST batch of 32: tens of microseconds).
 INLINE_MIN_GAP_S = 1e-3
 INLINE_MAX_BYTES = 32 * 28 * 28
@@ -211,50 +210,51 @@ class ServingCore:
                 self.arrival_gap += 0.2 * (min(now - self._last_arrival, 0.01) - self.arrival_gap)
                 self._last_arrival = now
 
-    def loop_handoff(self, gather: bool = False) -> "_LoopHandoff":
-        """The running event loop's hand-off to the batch workers (made on first use).
+    async def predict(self, servable: Any, signature_name: str, inputs: dict[str, np.ndarray],
+                      output_filter: Sequence[str] = (), arrival: "_Arrival | None" = None,
+                      gather: bool = False) -> tuple[str, dict[str, np.ndarray]]:
+        """Validate like TF Serving's Predict, run the model (batched or not), and return
+        (resolved signature name, {output alias: array}). On the event loop.
 
-        `gather=True` (gRPC): while other requests are in flight, hold requests for
-        gather_wait seconds before queuing them, so that they share a batch. grpc.aio hands
-        its handlers one call per loop iteration, so without this gRPC batches stay at 1-2
-        rows under load (REST requests, read many per iteration, batch by themselves).
-        Measured at 32 single-image clients: 2.2 -> 4.4 rows per model run and about 30%
-        more gRPC predictions/s; a lone request is never held.
+        Raises ApiError for an invalid request before anything is queued. Batched requests
+        go through the loop's hand-off (_LoopHandoff): those of one loop iteration are
+        queued together. `gather=True` (gRPC): while other requests are in flight, hold a
+        request gather_wait seconds first, so that it shares a batch; grpc.aio hands its
+        handlers one call per loop iteration, so without this gRPC batches stay at 1-2 rows
+        under load (REST requests, read many per iteration, batch by themselves). Measured
+        at 32 single-image clients: 2.2 -> 4.4 rows per model run and about 30% more gRPC
+        predictions/s. A small numeric request (_cheap) arriving alone (_lone_request), with
+        its queue idle, runs right here instead: for a small model, less time than the two
+        thread hand-offs it saves. Anything else leaves the loop free to read requests (so
+        that they batch) and to act on signals. Cancelling the call (a deadline) cancels a
+        run that has not started.
         """
+        signature, run, queue, rows = self._route(servable, signature_name, inputs, output_filter)
+        if arrival is not None:
+            arrival.queued()
+        handoff = self.loop_handoff(gather)
+        if queue is None:
+            return signature, await handoff.result(self.executor.submit(run, inputs))
+        if self._lone_request() and _cheap(inputs):
+            # Handlers run one at a time: let those of requests read in this same loop
+            # iteration start (and count as in flight) before judging this one alone.
+            await asyncio.sleep(0)
+            outputs = queue.run_inline_if_idle(inputs, rows) if self._lone_request() else None
+            if outputs is not None:
+                return signature, outputs
+        return signature, await handoff.result(handoff.submit(queue, inputs, rows))
+
+    def loop_handoff(self, gather: bool = False) -> "_LoopHandoff":
+        """The running loop's hand-off to the batch workers, one per gather mode."""
         loop = asyncio.get_running_loop()
         handoff = self._handoffs.get(gather)
         if handoff is None or handoff.loop is not loop:
             handoff = self._handoffs[gather] = _LoopHandoff(loop, self._gather_for if gather else lambda: 0.0)
         return handoff
 
-    def predict_on_loop(self, handoff: "_LoopHandoff", servable: Any, signature_name: str,
-                        inputs: dict[str, np.ndarray], output_filter: Sequence[str] = (),
-                        arrival: "_Arrival | None" = None) -> tuple[str, Future]:
-        """Validate like TF Serving's Predict, then queue the run (batched or not) with the
-        other requests of this event-loop iteration.
-
-        Returns (resolved signature name, Future of {output alias: array}) for
-        `await handoff.result(future)`; raises ApiError for an invalid request before
-        anything is queued. A small numeric request (_cheap) arriving alone (_lone_request),
-        with its queue idle, runs right here instead: for a small model, less time than the
-        two thread hand-offs it saves. Anything else leaves the loop free to read requests
-        (so that they batch) and to act on signals.
-        """
-        signature, run, queue, rows = self._route(servable, signature_name, inputs, output_filter)
-        if arrival is not None:
-            arrival.queued()
-        if queue is None:
-            return signature, self.executor.submit(run, inputs)
-        outputs = queue.run_inline_if_idle(inputs, rows) if self._lone_request() and _cheap(inputs) else None
-        if outputs is not None:
-            done: Future = Future()
-            done.set_result(outputs)
-            return signature, done
-        return signature, handoff.submit(queue, inputs, rows)
-
     def _gather_for(self) -> float:
         """How long to gather requests on the loop before queuing them (seconds): see
-        loop_handoff."""
+        predict."""
         if self.gather_wait > 0 and self.in_flight > 1:
             return self.gather_wait
         return 0.0
@@ -571,10 +571,8 @@ class RestApi:
             parsed = jt.fill_predict_request(doc, servable.input_dtypes, jt.may_hold_bools(body))
             # Never run the model on the event loop: while it ran, no other request could be
             # read, so none would ever join a batch (measured: batches of 1 at 32 clients).
-            handoff = self.core.loop_handoff()
-            _signature, future = self.core.predict_on_loop(
-                handoff, servable, parsed.signature_name, parsed.tensors, arrival=arrival)
-            outputs = await handoff.result(future)
+            _signature, outputs = await self.core.predict(
+                servable, parsed.signature_name, parsed.tensors, arrival=arrival)
         return jt.make_json_from_tensors(outputs, parsed.format)
 
     def _metadata(self, name: str, version: int | None, label: str | None) -> str:
@@ -613,41 +611,6 @@ def _spec_choice(spec: Any) -> tuple[int | None, str | None]:
     return None, None
 
 
-# The common gRPC request: numbers in tensor_content, a small fixed dtype. Decoded here in a
-# few microseconds; every other form goes through tensor_proto.to_ndarray (the same result).
-_CONTENT_DTYPES = {dt: np.dtype(np_dtype).newbyteorder("<") for dt, (_name, np_dtype) in jt.DTYPES.items()
-                   if dt not in (jt.DT_STRING, jt.DT_HALF)}
-# Outputs written into the response's typed repeated fields, as Tensor::AsProtoField does.
-_OUTPUT_FIELDS = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
-                  np.dtype(np.int64): "int64_val", np.dtype(np.int32): "int_val"}
-
-
-def _request_tensor(proto: Any) -> np.ndarray:
-    """A request's TensorProto as a writable numpy array in native byte order."""
-    little = _CONTENT_DTYPES.get(proto.dtype)
-    content = proto.tensor_content
-    shape = proto.tensor_shape
-    if little is None or not content or shape.unknown_rank:
-        return tensor_proto.to_ndarray(proto)
-    dims = tuple(d.size for d in shape.dim)
-    if any(d < 0 for d in dims) or len(content) != math.prod(dims) * little.itemsize:
-        return tensor_proto.to_ndarray(proto)  # which words the error
-    return np.frombuffer(content, dtype=little).reshape(dims).astype(little.newbyteorder("="))
-
-
-def _write_output(proto: Any, array: np.ndarray) -> None:
-    """Fill an empty response TensorProto in place (no message built and copied in)."""
-    field = _OUTPUT_FIELDS.get(array.dtype)
-    if field is None:
-        proto.CopyFrom(tensor_proto.from_ndarray(array, type(proto), as_fields=True))
-        return
-    proto.dtype = jt.dtype_of_array(array)
-    dims = proto.tensor_shape.dim
-    for size in array.shape:
-        dims.add().size = size
-    getattr(proto, field).extend(array.reshape(-1).tolist())
-
-
 def _grpc_spec(request: Any) -> tuple[int | None, str | None]:
     if not request.HasField("model_spec"):
         raise jt.invalid("Missing ModelSpec")
@@ -658,7 +621,7 @@ def _grpc_inputs(request: Any) -> dict[str, np.ndarray]:
     inputs = {}
     for alias, proto in request.inputs.items():
         try:
-            inputs[alias] = _request_tensor(proto)
+            inputs[alias] = tensor_proto.to_ndarray(proto)
         except (tensor_proto.TensorProtoError, ValueError):
             raise jt.invalid(f"tensor parsing error: {alias}") from None
     return inputs
@@ -670,7 +633,7 @@ def _grpc_response(response: Any, name: str, servable: Any, signature: str,
     response.model_spec.version.value = servable.version
     response.model_spec.signature_name = signature
     for alias, value in outputs.items():
-        _write_output(response.outputs[alias], value)
+        tensor_proto.fill(response.outputs[alias], value, as_fields=True)
     return response
 
 
@@ -708,13 +671,12 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
             try:
                 version, label = _grpc_spec(request)
                 with core.arrival() as arrival, core.manager.acquire(name, version, label) as servable:
-                    handoff = core.loop_handoff(gather=True)
-                    signature, future = core.predict_on_loop(
-                        handoff, servable, request.model_spec.signature_name, _grpc_inputs(request),
-                        list(request.output_filter), arrival=arrival)
+                    inputs = _grpc_inputs(request)
                     try:
                         async with asyncio.timeout(context.time_remaining()):
-                            outputs = await handoff.result(future)
+                            signature, outputs = await core.predict(
+                                servable, request.model_spec.signature_name, inputs,
+                                list(request.output_filter), arrival=arrival, gather=True)
                     except TimeoutError:
                         raise jt.ApiError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
                     response = _grpc_response(predict_pb2.PredictResponse(), name, servable, signature, outputs)

@@ -12,6 +12,7 @@ an empty field means zeros and a short one is padded with its last value.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,11 @@ _FIELD = {
     jt.DT_BOOL: "bool_val", jt.DT_HALF: "half_val", jt.DT_UINT32: "uint32_val",
     jt.DT_UINT64: "uint64_val",
 }
+
+
+# tensor_content's byte order for each numeric dtype (computed once: this runs per request).
+_LITTLE = {dt: np.dtype(np_dtype).newbyteorder("<") for dt, (_name, np_dtype) in jt.DTYPES.items()
+           if dt != jt.DT_STRING}
 
 
 class TensorProtoError(ValueError):
@@ -48,7 +54,7 @@ def to_ndarray(proto: Any) -> np.ndarray:
     if dt not in jt.DTYPES:
         raise TensorProtoError(f"unsupported dtype {jt.dtype_string(dt)}")
     shape = shape_of(proto)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     np_dtype = jt.DTYPES[dt][1]
     if dt == jt.DT_STRING:
         values = list(proto.string_val)
@@ -60,14 +66,16 @@ def to_ndarray(proto: Any) -> np.ndarray:
         else:
             array[:] = b""
         return array.reshape(shape)
-    if proto.tensor_content:
-        itemsize = np.dtype(np_dtype).itemsize
-        if len(proto.tensor_content) != count * itemsize:
+    content = proto.tensor_content
+    if content:
+        little = _LITTLE[dt]
+        if len(content) != count * little.itemsize:
             raise TensorProtoError(
-                f"tensor_content holds {len(proto.tensor_content)} bytes, shape {list(shape)} "
-                f"of {jt.dtype_string(dt)} needs {count * itemsize}"
+                f"tensor_content holds {len(content)} bytes, shape {list(shape)} "
+                f"of {jt.dtype_string(dt)} needs {count * little.itemsize}"
             )
-        return np.frombuffer(proto.tensor_content, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype).reshape(shape)
+        # A writable copy in native byte order.
+        return np.frombuffer(content, dtype=little).astype(np_dtype).reshape(shape)
     field = getattr(proto, _FIELD[dt])
     if dt == jt.DT_HALF:
         raw = np.asarray(field, dtype=np.uint16).view(np.float16)
@@ -86,7 +94,13 @@ def to_ndarray(proto: Any) -> np.ndarray:
 
 
 def from_ndarray(array: np.ndarray, proto_cls: Any, as_fields: bool = False) -> Any:
-    """A numpy array as a new TensorProto of class `proto_cls`.
+    """A numpy array as a new TensorProto of class `proto_cls` (see fill)."""
+    return fill(proto_cls(), array, as_fields)
+
+
+def fill(proto: Any, array: np.ndarray, as_fields: bool = False) -> Any:
+    """Write a numpy array into an empty TensorProto in place (e.g. a response's
+    `outputs[alias]`: no message built and copied in); returns the proto.
 
     Numbers go into `tensor_content` (compact; what tf.make_tensor_proto writes) unless
     `as_fields`, which fills the typed repeated field instead, as TF Serving's Predict does
@@ -94,9 +108,10 @@ def from_ndarray(array: np.ndarray, proto_cls: Any, as_fields: bool = False) -> 
     """
     array = np.asarray(array)
     dt = jt.dtype_of_array(array)
-    proto = proto_cls(dtype=dt)
+    proto.dtype = dt
+    dims = proto.tensor_shape.dim
     for size in array.shape:
-        proto.tensor_shape.dim.add(size=int(size))
+        dims.add().size = int(size)
     if dt == jt.DT_STRING:
         flat = array.reshape(-1)
         proto.string_val.extend(x if isinstance(x, bytes) else str(x).encode("utf-8") for x in flat)
