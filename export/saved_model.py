@@ -107,16 +107,6 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(model_dir: Path) -> list[Path]:
     """Delete temporary export folders whose writer process is gone (a crash or kill)."""
     removed = []
@@ -124,7 +114,7 @@ def remove_stale_temporaries(model_dir: Path) -> list[Path]:
         return removed
     for path in model_dir.iterdir():
         match = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-.*", path.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not configlib.pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -179,17 +179,12 @@ def run_benchmark(config: BenchTrainConfig, log=print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import data, gpu, idx
+    from model.train import run_reporting_errors
 
     config = configlib.parse_config(BenchTrainConfig, argv, prog="python -m model.bench")
-    try:
-        report = run_benchmark(config)
-    except gpu.NoGpuError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return gpu.EXIT_NO_GPU
-    except (data.DataError, idx.IdxError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    report, status = run_reporting_errors(lambda: run_benchmark(config))
+    if status:
+        return status
     s = report["summary"]
     print(
         f"Median test accuracy {s['median_test_accuracy']:.4f} over seeds {s['seeds']}; "

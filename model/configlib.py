@@ -188,6 +188,18 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running? For files named after their writer's pid (temporary export
+    folders, the local server's pid file): a dead writer's file is a leftover."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def save_config(config: Any, path: Path) -> None:
     """Write the resolved config as JSON (the record of how an artifact was made)."""
     write_json_atomic(path, config)

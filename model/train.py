@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from model import configlib, contract
 from model.configlib import ConfigError, field
@@ -514,18 +514,29 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     return RunResult(run_dir=run_dir, metrics=metrics)
 
 
-def main(argv: list[str] | None = None) -> int:
+T = TypeVar("T")
+
+
+def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
+    """(fn(), 0), or (None, exit status) after printing a one-line error for the failures a
+    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), bad data or settings (1).
+    Shared by the entry points that train (model.train, model.bench)."""
     from model import data, gpu, idx
 
-    config = configlib.parse_config(TrainConfig, argv, prog="python -m model.train")
     try:
-        result = train_and_evaluate(config)
+        return fn(), 0
     except gpu.NoGpuError as err:
         print(f"error: {err}", file=sys.stderr)
-        return gpu.EXIT_NO_GPU
+        return None, gpu.EXIT_NO_GPU
     except (data.DataError, idx.IdxError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return None, 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = configlib.parse_config(TrainConfig, argv, prog="python -m model.train")
+    try:
+        result, status = run_reporting_errors(lambda: train_and_evaluate(config))
     except KeyboardInterrupt:
         print(
             "\nInterrupted. Run the same command again to resume from the last finished epoch "
@@ -533,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if status:
+        return status
     m = result.metrics
     print(
         f"Test accuracy: {m['test_accuracy']:.2%} (loss {m['test_loss']:.4f}) after {m['epochs_run']} "

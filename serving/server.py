@@ -742,23 +742,13 @@ def load_model_specs(config: ServeConfig) -> list[config_files.ModelSpecConfig]:
     return [config_files.ModelSpecConfig(config.model_name, Path(base))]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _claim_pid_file(path: Path) -> None:
     if path.exists():
         try:
             other = int(path.read_text().strip())
         except ValueError:
             other = None
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and configlib.pid_alive(other):
             raise StartupError(f"another local server (pid {other}) is running with state dir "
                                f"{path.parent}; stop it first (make serve-stop)")
     path.parent.mkdir(parents=True, exist_ok=True)
