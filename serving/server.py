@@ -3,7 +3,7 @@
     python -m serving.server                       # = make serve-local
     python -m serving.server --rest-api-port 9501 --port 9500 --models-root /tmp/models
 
-For machines without Docker, and for our tests. One process, one asyncio loop:
+For machines without Docker, and for our tests. One process, one asyncio loop (uvloop's):
 
     aiohttp (REST, :8501) --+                     +--> batch queue per (version, signature, shapes)
                             +--> ServingCore -----+        |
@@ -58,6 +58,7 @@ log = logging.getLogger("serving.server")
 
 SERVING_DIR = Path(__file__).resolve().parent
 EXIT_STARTUP_FAILED = 1
+EVENT_LOOPS = ("uvloop", "asyncio")
 MAX_BATCH_QUEUES_PER_VERSION = 8  # distinct (signature, row shape, outputs) combinations batched
 
 
@@ -108,8 +109,16 @@ class ServeConfig:
         1.0, "with batching: while other requests are in flight, hold gRPC requests this long "
         "so that they share a batch (0 = off)"
     )
+    batch_parallel_min_rows: int = field(
+        32, "with batching: while a batch runs, start another beside it only for at least this "
+        "many waiting rows (1 = as TF Serving; see serving/batching.py)"
+    )
     model_threads: int = field(4, "threads that run model calls when batching is off")
     grpc_max_concurrent: int = field(256, "gRPC calls in progress at once (more wait in line)")
+    event_loop: str = field(
+        "uvloop", "asyncio event loop: uvloop (libuv: here 7-23% more gRPC requests/s than "
+        "asyncio's own) or asyncio"
+    )
     gil_switch_interval_ms: float = field(0.5, "Python's thread switch interval (sys.setswitchinterval)")
     # One thread each: with batching, parallelism comes from num_batch_threads; TF's auto
     # setting adds spinning thread pools that cost a small machine more CPU than they save.
@@ -140,8 +149,11 @@ class ServeConfig:
             raise ConfigError("--file-system-poll-wait-seconds must be > 0")
         if self.max_request_bytes < 1024:
             raise ConfigError("--max-request-bytes must be at least 1024")
-        if self.model_threads < 1 or self.grpc_max_concurrent < 1:
-            raise ConfigError("--model-threads and --grpc-max-concurrent must be >= 1")
+        for name in ("model_threads", "grpc_max_concurrent", "batch_parallel_min_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         for name in ("batch_arrival_wait_ms", "grpc_batch_gather_ms"):
             if not 0 <= getattr(self, name) <= 1000:
                 raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1000 ms, got {getattr(self, name)}")
@@ -177,13 +189,14 @@ class ServingCore:
 
     def __init__(self, manager: Any, batching_params: config_files.BatchingParameters | None,
                  metrics: Metrics, executor: ThreadPoolExecutor, arrival_wait: float = 0.0,
-                 gather_wait: float = 0.0):
+                 gather_wait: float = 0.0, parallel_min_rows: int = 1):
         self.manager = manager
         self.batching = batching_params
         self.metrics = metrics
         self.executor = executor
         self.arrival_wait = arrival_wait
         self.gather_wait = gather_wait
+        self.parallel_min_rows = parallel_min_rows
         self._lock = threading.Lock()
         # Predict requests accepted but not yet queued for the model (being read and parsed).
         self.arriving = 0
@@ -292,7 +305,7 @@ class ServingCore:
                     run, self.batching,
                     on_batch=lambda n, padded: self._observe_batch(model, n, padded),
                     arriving=lambda: self.arriving, in_flight=lambda: self.in_flight,
-                    arrival_wait=self.arrival_wait,
+                    arrival_wait=self.arrival_wait, parallel_min_rows=self.parallel_min_rows,
                     name=f"batch-{model}-{servable.version}",
                 )
                 servable.batch_queues[key] = queue
@@ -838,7 +851,8 @@ async def serve(config: ServeConfig, ready: asyncio.Event | None = None,
         await loop.run_in_executor(None, manager.start)
         core = ServingCore(manager, batching_params, metrics, executor,
                            arrival_wait=config.batch_arrival_wait_ms / 1000,
-                           gather_wait=config.grpc_batch_gather_ms / 1000)
+                           gather_wait=config.grpc_batch_gather_ms / 1000,
+                           parallel_min_rows=config.batch_parallel_min_rows)
         # Everything made so far (TensorFlow's modules, the loaded graphs) lives as long as
         # the server: keep it out of the garbage collector's walks, which otherwise cost
         # every request that triggers a collection.
@@ -868,7 +882,7 @@ async def serve(config: ServeConfig, ready: asyncio.Event | None = None,
                      manager.serving_versions(spec.name) or "none yet")
         rest = f"REST http://{config.host}:{config.rest_api_port}" if config.rest_api_port else "REST off"
         print(f"Local TF Serving stand-in (pid {os.getpid()}): {rest}  gRPC {grpc_address}  "
-              f"batching {'on' if batching_params else 'off'}"
+              f"batching {'on' if batching_params else 'off'}  event loop {config.event_loop}"
               f"{'  metrics ' + monitoring.prometheus_path if monitoring.prometheus_enabled else ''}",
               flush=True)
         if ready is not None:
@@ -956,6 +970,15 @@ def _normalise_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """--event-loop: uvloop's loop, or None for asyncio's own."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = configlib.parse_config(ServeConfig, _normalise_flags(sys.argv[1:] if argv is None else argv),
                                     prog="python -m serving.server")
@@ -967,7 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every request; the default 5 ms switch interval would add that much latency each time.
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     try:
-        return asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=_loop_factory(config.event_loop)) as runner:
+            return runner.run(serve(config))
     except StartupError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_STARTUP_FAILED

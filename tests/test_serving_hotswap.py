@@ -136,7 +136,17 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(copy_serving_base, 
     import base64
 
     base = copy_serving_base()
-    server = start_server(base, tmp_path, ["--model-config-file", "none", "--rest_api_enable_cors_support=true"])
+    # The standard library's event loop here (uvloop, the default, everywhere else).
+    server = start_server(base, tmp_path, ["--model-config-file", "none", "--rest_api_enable_cors_support=true",
+                                           "--event-loop", "asyncio"])
+    assert "event loop asyncio" in server.log_tail()
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as channel:  # gRPC on that loop too
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=10)
+    assert [s.state for s in status.model_version_status] == [get_model_status_pb2.ModelVersionStatus.AVAILABLE]
     pid_file = tmp_path / "state" / "server.pid"
     assert pid_file.read_text().strip() == str(server.proc.pid)
     # (This server also has CORS on, spelled as TF Serving spells the flag.)

@@ -362,6 +362,40 @@ def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
         queue.close()
 
 
+@pytest.mark.parametrize("parallel_min_rows", [1, 4])
+def test_a_second_worker_joins_a_running_batch_only_for_enough_rows(parallel_min_rows):
+    gate = threading.Event()
+    sizes = []
+
+    def run(inputs):
+        sizes.append(len(inputs["x"]))
+        if inputs["x"][0] < 0:
+            gate.wait(5)  # the first batch holds one worker
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params(num_batch_threads=2), parallel_min_rows=parallel_min_rows)
+    try:
+        first = queue.submit({"x": np.array([-1])}, 1)
+        time.sleep(0.1)
+        small = [queue.submit({"x": np.array([i])}, 1) for i in (1, 2)]
+        if parallel_min_rows == 1:  # TF Serving's way: the idle worker runs them at once
+            assert [f.result(5)["y"].tolist() for f in small] == [[1], [2]]
+        else:  # too few rows to run beside the busy worker: they wait for it
+            time.sleep(0.3)
+            assert sizes == [1] and not any(f.done() for f in small)
+            # Enough rows now (2 + 4 >= 4): the second worker takes them all, beside the first.
+            big = queue.submit({"x": np.arange(10, 14)}, 4)
+            assert big.result(5)["y"].tolist() == [10, 11, 12, 13]
+            assert [f.result(5)["y"].tolist() for f in small] == [[1], [2]]
+            assert sizes == [1, 6]
+        assert not first.done()  # all that happened while the first batch was still running
+        gate.set()
+        assert first.result(5)["y"].tolist() == [-1]
+    finally:
+        gate.set()
+        queue.close()
+
+
 def test_large_tasks_are_refused_or_split():
     queue = batching.BatchQueue(lambda i: {"y": i["x"] * 3}, _params(max_batch_size=4))
     try:
@@ -634,3 +668,19 @@ def test_server_flags_out_of_range_are_refused():
         config = server.ServeConfig(**{flag: -1.0})
         with pytest.raises(server.ConfigError, match=flag.replace("_", "-")):
             config.validate()
+    with pytest.raises(server.ConfigError, match="--batch-parallel-min-rows must be >= 1"):
+        server.ServeConfig(batch_parallel_min_rows=0).validate()
+    with pytest.raises(server.ConfigError, match="--event-loop must be one of uvloop, asyncio, got 'tornado'"):
+        server.ServeConfig(event_loop="tornado").validate()
+
+
+def test_the_event_loop_flag_picks_the_loop():
+    import asyncio
+
+    import uvloop
+
+    from serving import server
+
+    assert server._loop_factory("asyncio") is None
+    with asyncio.Runner(loop_factory=server._loop_factory("uvloop")) as runner:
+        assert isinstance(runner.get_loop(), uvloop.Loop)
