@@ -685,14 +685,18 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
                 version, label = _grpc_spec(request)
                 with core.arrival() as arrival, core.manager.acquire(name, version, label) as servable:
                     inputs = _grpc_inputs(request)
-                    try:
-                        async with asyncio.timeout(context.time_remaining()):
-                            signature, outputs = await core.predict(
-                                servable, request.model_spec.signature_name, inputs,
-                                list(request.output_filter), arrival=arrival, gather=True)
-                    except TimeoutError:
-                        raise jt.ApiError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
+                    # No timer of our own: grpc.aio cancels this coroutine at the call's
+                    # deadline (or when the client cancels), which cancels a model run that
+                    # has not started. (A timer per call cost 6% of the loop's time at 32 clients.)
+                    signature, outputs = await core.predict(
+                        servable, request.model_spec.signature_name, inputs,
+                        list(request.output_filter), arrival=arrival, gather=True)
                     response = _grpc_response(predict_pb2.PredictResponse(), name, servable, signature, outputs)
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                core.record(name, "predict", "GRPC", started,
+                            "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+                raise
             except jt.ApiError as err:
                 core.record(name, "predict", "GRPC", started, err.code)
                 await abort(context, err)

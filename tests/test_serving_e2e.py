@@ -5,13 +5,16 @@ library and the CLI. Every answer is compared with what the SavedModel itself co
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
+from PIL import Image
 import pytest
 import requests
 
@@ -291,6 +294,36 @@ def test_grpc_errors(server, images):
             assert err.value.code().name == code, err.value.details()
             assert message in err.value.details()
             assert stub.Predict(request(), timeout=30).model_spec.version.value == 2  # still answering
+
+
+def test_grpc_deadline_ends_the_call_and_the_server_goes_on(server, images):
+    import grpc
+    from tensorflow.core.framework import tensor_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving import tensor_proto
+
+    # Pictures that take the model seconds to decode, and a deadline of a tenth of that.
+    big = Image.fromarray(images[0]).resize((3000, 3000), Image.NEAREST)
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    slow = predict_pb2.PredictRequest()
+    slow.model_spec.name, slow.model_spec.signature_name = "mnist", contract.SIGNATURE_BYTES
+    slow.inputs[contract.INPUT_BYTES].CopyFrom(tensor_proto.from_ndarray(
+        np.array([buffer.getvalue()] * 8, dtype=object), tensor_pb2.TensorProto))
+    fast = predict_pb2.PredictRequest()
+    fast.model_spec.name = "mnist"
+    fast.inputs[contract.INPUT_PIXELS].CopyFrom(tensor_proto.from_ndarray(images[:1], tensor_pb2.TensorProto))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(slow, timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+        assert stub.Predict(fast, timeout=30).model_spec.version.value == 2  # still answering
+    metrics = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10).text
+    assert ':tensorflow:serving:request_count{model_name="mnist",status="DEADLINE_EXCEEDED"}' in metrics
 
 
 def test_metrics_page(server, images):
