@@ -12,8 +12,12 @@ predictions/s, errors, and the CPU time each request cost the server and the loa
 generator. Every answer is checked against the first answer for the same images, so a
 response that went to the wrong request counts as an error.
 
-The load generator is one process (aiohttp coroutines for REST, blocking gRPC stubs in
-threads; bodies and protos built once). It shares the machine's cores with the server, and
+Every cell is measured in --rounds rounds (3) that interleave the whole grid, and each of its
+measures is reported as the median over the rounds, every round kept (combine_rounds): this
+machine's speed drifts by up to 2x within a minute.
+
+The load generator is one process (asyncio coroutines: a minimal HTTP/1.1 client for REST,
+grpc.aio for gRPC; bodies and protos built once). It shares the machine's cores with the server, and
 on a shared machine with everyone else: the JSON records the load average before and
 after, and the CPU per request, so numbers from a busy machine can be read for what they are.
 The targets of the issue are evaluated in "targets" (reported, never asserted).
@@ -51,6 +55,7 @@ class BenchConfig:
     protocols: tuple[str, ...] = field(("rest", "grpc"), "protocols to measure")
     batch_sizes: tuple[int, ...] = field((1, 64), "images per request")
     concurrency: tuple[int, ...] = field((1, 8, 32), "concurrent clients")
+    rounds: int = field(3, "times the whole grid is measured (interleaved); each cell reports its median round")
     duration: float = field(4.0, "measured seconds per scenario")
     warmup: float = field(1.0, "unmeasured seconds before each scenario")
     timeout: float = field(30.0, "per-request timeout in seconds")
@@ -61,6 +66,8 @@ class BenchConfig:
             raise ConfigError(f"--protocols takes rest and/or grpc, got {self.protocols}")
         if any(b < 1 for b in self.batch_sizes) or any(c < 1 for c in self.concurrency):
             raise ConfigError("batch sizes and concurrency must be >= 1")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.duration <= 0 or self.warmup < 0:
             raise ConfigError("--duration must be > 0 and --warmup >= 0")
 
@@ -290,6 +297,38 @@ async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: 
     }
 
 
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell measured in several rounds -> the cell: the median of each measure (an
+    error in any round counts), every round kept under "rounds".
+
+    The machine's speed drifts by up to 2x within a minute; rounds that interleave the whole
+    grid put each cell in several phases, and the median is the typical one.
+    """
+    import statistics
+
+    def median(get: Any) -> float | None:
+        values = [v for v in map(get, rounds) if v is not None]
+        return round(float(statistics.median(values)), 3) if values else None
+
+    cell = {key: rounds[0][key] for key in ("protocol", "batch", "concurrency")}
+    cell.update({
+        "requests": sum(r["requests"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "first_error": next((r["first_error"] for r in rounds if r["first_error"]), ""),
+        "latency_ms": {k: median(lambda r, k=k: r["latency_ms"][k]) for k in ("p50", "p99", "mean")},
+        "requests_per_s": median(lambda r: r["requests_per_s"]),
+        "predictions_per_s": median(lambda r: r["predictions_per_s"]),
+    })
+    for key in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "mean_rows_per_model_run"):
+        value = median(lambda r, key=key: r.get(key))
+        if value is not None:
+            cell[key] = value
+    cell["predictions_per_s_range"] = [min(r["predictions_per_s"] for r in rounds),
+                                       max(r["predictions_per_s"] for r in rounds)]
+    cell["rounds"] = rounds
+    return cell
+
+
 def evaluate_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets against the measured cells (None when a cell was not run)."""
     def cell(protocol: str, batch: int, concurrency: int) -> dict[str, Any] | None:
@@ -408,35 +447,44 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
                                 args=shlex.split(config.server_args), state_dir=out.parent / "serve-state")
     _load_client_modules(config.protocols)
     load_before = os.getloadavg()
-    results = []
+    grid = [(p, b, c) for p in config.protocols for b in config.batch_sizes for c in config.concurrency]
+    measured: dict[tuple, list[dict[str, Any]]] = {key: [] for key in grid}
     with server:
         log(f"server pid {server.proc.pid}: REST {server.rest_url}, gRPC {server.grpc_target}")
-        for protocol in config.protocols:
-            endpoint = server.rest_url if protocol == "rest" else server.grpc_target
-            for batch in config.batch_sizes:
-                for concurrency in config.concurrency:
-                    server_cpu, client_cpu = _process_cpu(server.proc.pid), _own_cpu()
-                    batches_before = _batches_run(server.rest_url)
-                    cell = asyncio.run(run_scenario(protocol, endpoint, images, batch, concurrency, config))
-                    batches_after = _batches_run(server.rest_url)
-                    if batches_before and batches_after and batches_after[1] > batches_before[1]:
-                        # Rows per model run (warm-up included): how much batching happened.
-                        cell["mean_rows_per_model_run"] = round(
-                            (batches_after[0] - batches_before[0]) / (batches_after[1] - batches_before[1]), 2)
-                    # CPU seconds per request (warm-up included), for both sides: what the
-                    # throughput costs, whatever share of the machine others left us.
-                    total = cell["requests"] * (config.duration + config.warmup) / config.duration
-                    if server_cpu is not None:
-                        cell["server_cpu_ms_per_request"] = round((_process_cpu(server.proc.pid) - server_cpu) / total * 1e3, 3)
-                    cell["client_cpu_ms_per_request"] = round((_own_cpu() - client_cpu) / total * 1e3, 3)
-                    results.append(cell)
-                    log(f"{protocol:4s} batch {batch:3d} x {concurrency:2d} clients: "
-                        f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
-                        f"{cell['predictions_per_s']:8.0f} predictions/s  errors {cell['errors']}  "
-                        f"CPU/request server {cell.get('server_cpu_ms_per_request', float('nan')):.2f} ms "
-                        f"client {cell['client_cpu_ms_per_request']:.2f} ms  "
-                        f"rows/run {cell.get('mean_rows_per_model_run', float('nan')):.1f}")
+        for round_index in range(config.rounds):
+            for protocol, batch, concurrency in grid:
+                endpoint = server.rest_url if protocol == "rest" else server.grpc_target
+                server_cpu, client_cpu = _process_cpu(server.proc.pid), _own_cpu()
+                batches_before = _batches_run(server.rest_url)
+                cell = asyncio.run(run_scenario(protocol, endpoint, images, batch, concurrency, config))
+                batches_after = _batches_run(server.rest_url)
+                if batches_before and batches_after and batches_after[1] > batches_before[1]:
+                    # Rows per model run (warm-up included): how much batching happened.
+                    cell["mean_rows_per_model_run"] = round(
+                        (batches_after[0] - batches_before[0]) / (batches_after[1] - batches_before[1]), 2)
+                # CPU seconds per request (warm-up included), for both sides: what the
+                # throughput costs, whatever share of the machine others left us.
+                total = cell["requests"] * (config.duration + config.warmup) / config.duration
+                if server_cpu is not None:
+                    cell["server_cpu_ms_per_request"] = round((_process_cpu(server.proc.pid) - server_cpu) / total * 1e3, 3)
+                cell["client_cpu_ms_per_request"] = round((_own_cpu() - client_cpu) / total * 1e3, 3)
+                measured[(protocol, batch, concurrency)].append(cell)
+                log(f"[{round_index + 1}/{config.rounds}] "
+                    f"{protocol:4s} batch {batch:3d} x {concurrency:2d} clients: "
+                    f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
+                    f"{cell['predictions_per_s']:8.0f} predictions/s  errors {cell['errors']}  "
+                    f"CPU/request server {cell.get('server_cpu_ms_per_request', float('nan')):.2f} ms "
+                    f"client {cell['client_cpu_ms_per_request']:.2f} ms  "
+                    f"rows/run {cell.get('mean_rows_per_model_run', float('nan')):.1f}")
         exit_status = server.stop()
+    results = [combine_rounds(measured[key]) for key in grid]
+    if config.rounds > 1:
+        log(f"median of {config.rounds} rounds (predictions/s range):")
+        for cell in results:
+            low, high = cell["predictions_per_s_range"]
+            log(f"{cell['protocol']:4s} batch {cell['batch']:3d} x {cell['concurrency']:2d} clients: "
+                f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
+                f"{cell['predictions_per_s']:8.0f} predictions/s ({low:.0f}-{high:.0f})  errors {cell['errors']}")
     report = {
         "results": results,
         "targets": evaluate_targets(results),

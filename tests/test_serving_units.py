@@ -684,3 +684,27 @@ def test_the_event_loop_flag_picks_the_loop():
     assert server._loop_factory("asyncio") is None
     with asyncio.Runner(loop_factory=server._loop_factory("uvloop")) as runner:
         assert isinstance(runner.get_loop(), uvloop.Loop)
+
+
+def test_bench_cells_report_the_median_of_their_rounds():
+    from model.configlib import ConfigError
+    from serving.bench import BenchConfig, combine_rounds
+
+    def measured(rate, p50, errors=0, rows=None):
+        cell = {"protocol": "grpc", "batch": 1, "concurrency": 32, "requests": int(rate * 4),
+                "errors": errors, "first_error": "boom" if errors else "", "seconds": 4.0,
+                "latency_ms": {"p50": p50, "p99": 2 * p50, "mean": p50}, "requests_per_s": rate,
+                "predictions_per_s": rate, "client_cpu_ms_per_request": 0.3}
+        if rows is not None:
+            cell["mean_rows_per_model_run"] = rows
+        return cell
+
+    rounds = [measured(1000, 30.0, rows=3.0), measured(1800, 17.0, errors=1), measured(1500, 20.0, rows=5.0)]
+    cell = combine_rounds(rounds)
+    assert (cell["predictions_per_s"], cell["latency_ms"]["p50"], cell["latency_ms"]["p99"]) == (1500, 20.0, 40.0)
+    assert cell["predictions_per_s_range"] == [1000, 1800]
+    assert cell["errors"] == 1 and cell["first_error"] == "boom"  # an error in any round counts
+    assert cell["requests"] == 17200 and cell["mean_rows_per_model_run"] == 4.0  # of the rounds that have it
+    assert cell["rounds"] == rounds
+    with pytest.raises(ConfigError, match="--rounds must be >= 1"):
+        BenchConfig(rounds=0).validate()
