@@ -114,7 +114,10 @@ class ServeConfig:
         "many waiting rows (1 = as TF Serving; see serving/batching.py)"
     )
     model_threads: int = field(4, "threads that run model calls when batching is off")
-    grpc_max_concurrent: int = field(256, "gRPC calls in progress at once (more wait in line)")
+    grpc_max_concurrent: int = field(
+        0, "gRPC calls in progress at once, more wait in line (0 = no limit, as TF Serving; "
+        "grpc.aio's limiter costs a task and a lock round per call)"
+    )
     event_loop: str = field(
         "uvloop", "asyncio event loop: uvloop (libuv: here 7-23% more gRPC requests/s than "
         "asyncio's own) or asyncio"
@@ -149,9 +152,11 @@ class ServeConfig:
             raise ConfigError("--file-system-poll-wait-seconds must be > 0")
         if self.max_request_bytes < 1024:
             raise ConfigError("--max-request-bytes must be at least 1024")
-        for name in ("model_threads", "grpc_max_concurrent", "batch_parallel_min_rows"):
+        for name in ("model_threads", "batch_parallel_min_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.grpc_max_concurrent < 0:
+            raise ConfigError(f"--grpc-max-concurrent must be >= 0 (0 = no limit), got {self.grpc_max_concurrent}")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         for name in ("batch_arrival_wait_ms", "grpc_batch_gather_ms"):
@@ -667,7 +672,7 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
     one loop iteration are queued together and share a batch, and results come back with
     one loop wake-up per burst. Measured on the 2-core reference machine, grpc's threaded
     server spent about twice the CPU per call at 32 clients (GIL hand-offs between handler
-    threads). --grpc-max-concurrent bounds the calls in progress at once.
+    threads). --grpc-max-concurrent, when set, bounds the calls in progress at once.
     """
     import grpc
     from tensorflow_serving.apis import (
@@ -736,7 +741,7 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ],
-        maximum_concurrent_rpcs=config.grpc_max_concurrent,
+        maximum_concurrent_rpcs=config.grpc_max_concurrent or None,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(), server)

@@ -668,6 +668,8 @@ def test_server_flags_out_of_range_are_refused():
         config = server.ServeConfig(**{flag: -1.0})
         with pytest.raises(server.ConfigError, match=flag.replace("_", "-")):
             config.validate()
+    with pytest.raises(server.ConfigError, match=r"--grpc-max-concurrent must be >= 0 \(0 = no limit\), got -1"):
+        server.ServeConfig(grpc_max_concurrent=-1).validate()
     with pytest.raises(server.ConfigError, match="--batch-parallel-min-rows must be >= 1"):
         server.ServeConfig(batch_parallel_min_rows=0).validate()
     with pytest.raises(server.ConfigError, match="--event-loop must be one of uvloop, asyncio, got 'tornado'"):
