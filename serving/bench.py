@@ -55,7 +55,7 @@ class BenchConfig:
     protocols: tuple[str, ...] = field(("rest", "grpc"), "protocols to measure")
     batch_sizes: tuple[int, ...] = field((1, 64), "images per request")
     concurrency: tuple[int, ...] = field((1, 8, 32), "concurrent clients")
-    rounds: int = field(3, "times the whole grid is measured (interleaved); each cell reports its median round")
+    rounds: int = field(3, "times the whole grid is measured (interleaved); cells report medians over them")
     duration: float = field(4.0, "measured seconds per scenario")
     warmup: float = field(1.0, "unmeasured seconds before each scenario")
     timeout: float = field(30.0, "per-request timeout in seconds")

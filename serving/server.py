@@ -982,8 +982,11 @@ def _normalise_flags(argv: Sequence[str]) -> list[str]:
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """--event-loop: uvloop's loop, or None for asyncio's own."""
     if name == "uvloop":
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            raise StartupError("--event-loop uvloop: uvloop is not installed (make setup installs it; "
+                               "or pass --event-loop asyncio)") from None
         return uvloop.new_event_loop
     return None
 
@@ -999,7 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every request; the default 5 ms switch interval would add that much latency each time.
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(config.event_loop)) as runner:
+        loop_factory = _loop_factory(config.event_loop)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(serve(config))
     except StartupError as err:
         print(f"error: {err}", file=sys.stderr)

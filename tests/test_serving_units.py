@@ -688,6 +688,17 @@ def test_the_event_loop_flag_picks_the_loop():
         assert isinstance(runner.get_loop(), uvloop.Loop)
 
 
+def test_a_missing_uvloop_is_a_clear_startup_error(monkeypatch, capsys):
+    import sys
+
+    from serving import server
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    monkeypatch.setattr(sys, "setswitchinterval", lambda _: None)  # keep pytest's own
+    assert server.main(["--state-dir", "unused"]) == server.EXIT_STARTUP_FAILED
+    assert "uvloop is not installed" in capsys.readouterr().err
+
+
 def test_bench_cells_report_the_median_of_their_rounds():
     from model.configlib import ConfigError
     from serving.bench import BenchConfig, combine_rounds
