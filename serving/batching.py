@@ -4,10 +4,10 @@ The local server's counterpart of TF Serving's BatchingSession, driven by the sa
 BatchingParameters file (serving/batching_parameters.txt):
 
     request tasks --> queue per (version, signature, input dtypes and row shapes, outputs)
-    (REST coroutines    |  a worker thread takes the oldest task, then every task queued
-     and gRPC threads   |  behind it, up to max_batch_size rows (waiting at most
-     submit; each gets  |  batch_timeout_micros for more when the batch is not full)
-     a Future)          v
+    (the REST and gRPC  |  a worker thread takes the oldest task, then every task queued
+     handlers submit;   |  behind it, up to max_batch_size rows (waiting at most
+     each gets a        |  batch_timeout_micros for more when the batch is not full)
+     Future)            v
                       concatenate along axis 0 [B, ...] -> pad to an allowed_batch_size
                       -> one Session run in the worker thread -> split outputs by rows
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from model import configlib, contract
 from model.configlib import ConfigError, field
+from serving import json_tensor as jt
 
 TARGETS = {"rest_p50_ms": 3.0, "grpc_p50_ms": 2.0, "predictions_per_s_32_clients": 1500.0}
 
@@ -91,15 +92,6 @@ class _Tally:
 
 
 _MIXED_UP = "an answer with other digits than before (a mixed-up response?)"
-
-
-def _loads(payload: bytes) -> Any:
-    try:
-        import orjson
-
-        return orjson.loads(payload)
-    except ImportError:  # the json module reads the same documents, a little slower
-        return json.loads(payload)
 
 
 class _HttpConnection(asyncio.Protocol):
@@ -199,7 +191,7 @@ async def _rest_worker(host: str, port: int, raw: bytes, expected: list[int] | N
                 status, payload = await connection.request(raw)
             ok = status == 200
             if ok:
-                digits = _loads(payload)["outputs"][contract.OUTPUT_DIGIT]
+                digits = jt.parse_json(payload)["outputs"][contract.OUTPUT_DIGIT]
                 if expected is None:
                     expected = digits
                 ok, detail = digits == expected, _MIXED_UP
@@ -397,25 +389,18 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-_BATCH_METRIC = ":tensorflow:serving:batching_session:processed_batch_size"
-
-
-def _batches_run(rest_url: str) -> tuple[float, float] | None:
+def batches_run(rest_url: str) -> tuple[float, float] | None:
     """(rows, batches) the server has run so far, from its own Prometheus page; None where
     that page is off or unreachable."""
     import urllib.request
 
+    from serving.metrics import PROCESSED_BATCH_SIZE, histogram_totals
+
     try:
         with urllib.request.urlopen(f"{rest_url}/monitoring/prometheus/metrics", timeout=10) as response:
-            text = response.read().decode("utf-8")
+            return histogram_totals(response.read().decode("utf-8"), PROCESSED_BATCH_SIZE)
     except OSError:
         return None
-    totals = {"_sum": 0.0, "_count": 0.0}
-    for line in text.splitlines():
-        for suffix in totals:
-            if line.startswith(_BATCH_METRIC + suffix + "{"):
-                totals[suffix] += float(line.rsplit(" ", 1)[1])
-    return totals["_sum"], totals["_count"]
 
 
 def _load_client_modules(protocols: Sequence[str]) -> None:
@@ -431,6 +416,12 @@ def _load_client_modules(protocols: Sequence[str]) -> None:
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: F401
     gc.collect()
     gc.freeze()
+
+
+def _cell_line(cell: dict[str, Any]) -> str:
+    return (f"{cell['protocol']:4s} batch {cell['batch']:3d} x {cell['concurrency']:2d} clients: "
+            f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
+            f"{cell['predictions_per_s']:8.0f} predictions/s  errors {cell['errors']}")
 
 
 def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
@@ -455,9 +446,9 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
             for protocol, batch, concurrency in grid:
                 endpoint = server.rest_url if protocol == "rest" else server.grpc_target
                 server_cpu, client_cpu = _process_cpu(server.proc.pid), _own_cpu()
-                batches_before = _batches_run(server.rest_url)
+                batches_before = batches_run(server.rest_url)
                 cell = asyncio.run(run_scenario(protocol, endpoint, images, batch, concurrency, config))
-                batches_after = _batches_run(server.rest_url)
+                batches_after = batches_run(server.rest_url)
                 if batches_before and batches_after and batches_after[1] > batches_before[1]:
                     # Rows per model run (warm-up included): how much batching happened.
                     cell["mean_rows_per_model_run"] = round(
@@ -469,22 +460,17 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
                     cell["server_cpu_ms_per_request"] = round((_process_cpu(server.proc.pid) - server_cpu) / total * 1e3, 3)
                 cell["client_cpu_ms_per_request"] = round((_own_cpu() - client_cpu) / total * 1e3, 3)
                 measured[(protocol, batch, concurrency)].append(cell)
-                log(f"[{round_index + 1}/{config.rounds}] "
-                    f"{protocol:4s} batch {batch:3d} x {concurrency:2d} clients: "
-                    f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
-                    f"{cell['predictions_per_s']:8.0f} predictions/s  errors {cell['errors']}  "
+                log(f"[{round_index + 1}/{config.rounds}] {_cell_line(cell)}  "
                     f"CPU/request server {cell.get('server_cpu_ms_per_request', float('nan')):.2f} ms "
                     f"client {cell['client_cpu_ms_per_request']:.2f} ms  "
                     f"rows/run {cell.get('mean_rows_per_model_run', float('nan')):.1f}")
         exit_status = server.stop()
     results = [combine_rounds(measured[key]) for key in grid]
     if config.rounds > 1:
-        log(f"median of {config.rounds} rounds (predictions/s range):")
+        log(f"median of {config.rounds} rounds:")
         for cell in results:
             low, high = cell["predictions_per_s_range"]
-            log(f"{cell['protocol']:4s} batch {cell['batch']:3d} x {cell['concurrency']:2d} clients: "
-                f"p50 {cell['latency_ms']['p50']:7.2f} ms  p99 {cell['latency_ms']['p99']:7.2f} ms  "
-                f"{cell['predictions_per_s']:8.0f} predictions/s ({low:.0f}-{high:.0f})  errors {cell['errors']}")
+            log(f"{_cell_line(cell)}  (predictions/s {low:.0f}-{high:.0f})")
     report = {
         "results": results,
         "targets": evaluate_targets(results),

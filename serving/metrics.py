@@ -22,6 +22,9 @@ from collections import defaultdict
 LATENCY_BUCKETS_US = tuple(10 * 1.8**i for i in range(33))
 BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 13))
 
+PROCESSED_BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
+PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
+
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     def escape(v: str) -> str:
@@ -71,3 +74,13 @@ class Metrics:
                     lines.append(f"{name}_sum{{{prefix}}} {total:g}")
                     lines.append(f"{name}_count{{{prefix}}} {cumulative}")
         return "\n".join(lines) + "\n"
+
+
+def histogram_totals(page: str, name: str) -> tuple[float, float]:
+    """(sum, count) of histogram `name` over all its series, read from a rendered page."""
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for line in page.splitlines():
+        for suffix in totals:
+            if line.startswith(name + suffix + "{"):
+                totals[suffix] += float(line.rsplit(" ", 1)[1])
+    return totals["_sum"], totals["_count"]

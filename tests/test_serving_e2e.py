@@ -339,12 +339,11 @@ def test_metrics_page(server, images):
 # Load: 32 concurrent clients x 200 requests, REST and gRPC mixed
 # --------------------------------------------------------------------------------------------
 def _batches(server) -> tuple[float, float]:
-    text = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10).text
-    values = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith(":tensorflow:serving:batching_session:processed_batch_size_")
-              and ("_sum{" in line or "_count{" in line)}
-    return (values.get(":tensorflow:serving:batching_session:processed_batch_size_sum", 0.0),
-            values.get(":tensorflow:serving:batching_session:processed_batch_size_count", 0.0))
+    from serving.bench import batches_run
+
+    totals = batches_run(server.rest_url)
+    assert totals is not None, "the metrics page did not answer"
+    return totals
 
 
 def test_load_32_clients_each_get_their_own_answers(server, images, expected):

@@ -721,3 +721,15 @@ def test_bench_cells_report_the_median_of_their_rounds():
     assert cell["rounds"] == rounds
     with pytest.raises(ConfigError, match="--rounds must be >= 1"):
         BenchConfig(rounds=0).validate()
+
+
+def test_histogram_totals_add_up_every_series_of_a_rendered_page():
+    from serving.metrics import BATCH_BUCKETS, PADDING_SIZE, PROCESSED_BATCH_SIZE, Metrics, histogram_totals
+
+    metrics = Metrics()
+    assert histogram_totals(metrics.render(), PROCESSED_BATCH_SIZE) == (0.0, 0.0)
+    for rows, model in ((3, "mnist"), (5, "mnist"), (32, "other")):
+        metrics.observe(PROCESSED_BATCH_SIZE, rows, BATCH_BUCKETS, model_name=model)
+    metrics.observe(PADDING_SIZE, 7, BATCH_BUCKETS, model_name="mnist")
+    assert histogram_totals(metrics.render(), PROCESSED_BATCH_SIZE) == (40.0, 3.0)
+    assert histogram_totals(metrics.render(), PADDING_SIZE) == (7.0, 1.0)
