@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mobile.runtime import Classifier
 from model import configlib, contract
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
@@ -153,69 +154,31 @@ def convert(saved_model_dir: Path, variant: str, calibration_images: np.ndarray 
 # Running a TFLite file (ai-edge-litert, the maintained runtime)
 # --------------------------------------------------------------------------------------------
 
-class LiteModel:
-    """A TFLite file under ai-edge-litert: raw uint8 pixels in, float probabilities out.
-
-    Reads the input/output dtypes and quantization (scale, zero point) from the file instead
-    of assuming them, so every variant is driven the same way.
-    """
+class LiteModel(Classifier):
+    """A TFLite file under ai-edge-litert, driven by the Pi's own Classifier (mobile.runtime):
+    raw uint8 pixels in, float probabilities out, the input/output dtypes and quantization
+    read from the file, so every variant is driven the same way, and the export measures
+    exactly the code that runs on the device. Adds what the export report needs."""
 
     def __init__(self, path: Path, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
-
-        if num_threads < 1:
-            raise ValueError("num_threads must be >= 1")
-        self.path = Path(path)
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self._batch = None
-
-    def _prepare(self, batch: int) -> None:
-        if batch != self._batch:
-            self.interpreter.resize_tensor_input(self.input["index"], [batch, *contract.IMAGE_SHAPE])
-            self.interpreter.allocate_tensors()
-            self._batch = batch
-
-    def _quantize_input(self, images: np.ndarray) -> np.ndarray:
-        scale, zero_point = self.input["quantization"]
-        dtype = self.input["dtype"]
-        if scale == 0:  # not quantized: raw pixels in the input's own dtype
-            return images.astype(dtype)
-        info = np.iinfo(dtype)
-        q = np.round(images.astype(np.float32) / scale + zero_point)
-        return np.clip(q, info.min, info.max).astype(dtype)
-
-    def _dequantize_output(self, raw: np.ndarray) -> np.ndarray:
-        scale, zero_point = self.output["quantization"]
-        if scale == 0:
-            return raw.astype(np.float32)
-        return (raw.astype(np.float32) - zero_point) * scale
-
-    def predict(self, images: np.ndarray, batch: int = 1000) -> np.ndarray:
-        """uint8 [N, 28, 28] -> float32 [N, 10]."""
-        outputs = []
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
-            self._prepare(len(chunk))
-            self.interpreter.set_tensor(self.input["index"], self._quantize_input(chunk))
-            self.interpreter.invoke()
-            outputs.append(self._dequantize_output(self.interpreter.get_tensor(self.output["index"])))
-        return np.concatenate(outputs)
+        super().__init__(Path(path), threads=num_threads, runtime="ai-edge-litert")
+        self.path = self.model_path
 
     def latency_us(self, image: np.ndarray, runs: int, warmup: int = 100) -> dict[str, float]:
-        """Single-image latency (set input, invoke, read output) in microseconds."""
-        self._prepare(1)
-        x = self._quantize_input(image[None])
+        """Single-image latency of the interpreter alone (set input, invoke, read output) in
+        microseconds; predict()'s argument checks, a few microseconds, are not counted."""
+        self._set_batch(1)
+        x = self._to_input(image[None])
+        index, out = self._input["index"], self._output["index"]
         for _ in range(warmup):
-            self.interpreter.set_tensor(self.input["index"], x)
-            self.interpreter.invoke()
+            self._interpreter.set_tensor(index, x)
+            self._interpreter.invoke()
         times = np.empty(runs)
         for i in range(runs):
             start = time.perf_counter()
-            self.interpreter.set_tensor(self.input["index"], x)
-            self.interpreter.invoke()
-            self.interpreter.get_tensor(self.output["index"])
+            self._interpreter.set_tensor(index, x)
+            self._interpreter.invoke()
+            self._interpreter.get_tensor(out)
             times[i] = time.perf_counter() - start
         times *= 1e6
         return {
@@ -230,7 +193,7 @@ class LiteModel:
             return {"dtype": np.dtype(d["dtype"]).name, "shape": [int(s) for s in d["shape_signature"]],
                     "scale": float(scale), "zero_point": int(zero_point)}
 
-        return {"input": tensor(self.input), "output": tensor(self.output)}
+        return {"input": tensor(self._input), "output": tensor(self._output)}
 
 
 # --------------------------------------------------------------------------------------------
