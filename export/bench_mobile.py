@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from model import configlib
+from model import configlib, contract
 from model.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,22 +62,22 @@ class MobileBenchConfig:
     out: Path = field(Path("artifacts/bench/mobile.json"), "where to write the results")
 
     def validate(self) -> None:
-        if not (Path(self.models_dir) / "mnist.tflite").is_file():
-            raise ConfigError(f"--models-dir {self.models_dir}: no mnist.tflite there. Run make train / make export first.")
+        if not (Path(self.models_dir) / contract.MOBILE_MODEL_FILE).is_file():
+            raise ConfigError(f"--models-dir {self.models_dir}: no {contract.MOBILE_MODEL_FILE} there. Run make train / make export first.")
         if self.photos < 1 or self.latency_runs < 1 or self.threads < 1:
             raise ConfigError("--photos, --latency-runs and --threads must be >= 1")
 
 
 def _variants(models_dir: Path) -> list[dict[str, Any]]:
     """[{name, path, report_accuracy?}] for every .tflite in the folder, report facts merged."""
-    report_path = models_dir / "report.json"
+    report_path = models_dir / contract.MOBILE_REPORT_FILE
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     by_file = {str(v.get("path")): v for v in report.get("variants", [])}
     found = []
     for path in sorted(models_dir.glob("*.tflite")):
         entry: dict[str, Any] = {"name": path.stem, "path": str(path), "size_bytes": path.stat().st_size}
         facts = by_file.get(path.name)
-        if path.name == "mnist.tflite" and report.get("recommended"):
+        if path.name == contract.MOBILE_MODEL_FILE and report.get("recommended"):
             entry["recommended"] = report["recommended"]
             facts = by_file.get(f"{report['recommended']}.tflite")
         if facts and "accuracy" in facts:
@@ -119,7 +119,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
     models_dir = Path(config.models_dir)
     data_dir = Path(config.data_dir) if config.data_dir else REPO / "tests" / "data"
     test = idx.load_split(data_dir, "test")
-    labels = models_dir / "labels.txt"
+    labels = models_dir / contract.LABELS_FILE
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "data": {"dir": str(data_dir), "test_images": int(len(test.labels)), "canonical_mnist": test.canonical},
@@ -160,7 +160,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
             digits: list[int] = []
             failed = 0
             for begin in range(0, len(names), CLI_CHUNK):
-                document = _cli(python, ["--model", str((models_dir / "mnist.tflite").resolve()), "--runtime", runtime, *names[begin : begin + CLI_CHUNK]], cwd=tmp_dir)
+                document = _cli(python, ["--model", str((models_dir / contract.MOBILE_MODEL_FILE).resolve()), "--runtime", runtime, *names[begin : begin + CLI_CHUNK]], cwd=tmp_dir)
                 for item in document["results"]:
                     failed += "error" in item
                     digits.append(int(item.get("digit", -1)))
@@ -220,7 +220,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
         sample.write_bytes(photos[0].data)
         latency = {}
         for runtime, python in _runtimes(config).items():
-            document = _cli(python, ["--model", str((models_dir / "mnist.tflite").resolve()), "--runtime", runtime, "--threads", str(config.threads), "--benchmark", str(config.latency_runs), str(sample)])
+            document = _cli(python, ["--model", str((models_dir / contract.MOBILE_MODEL_FILE).resolve()), "--runtime", runtime, "--threads", str(config.threads), "--benchmark", str(config.latency_runs), str(sample)])
             latency[runtime] = {"version": document["runtime"]["version"], **document["benchmark"]}
             log(f"CLI latency {runtime}: p50 {document['benchmark']['latency_us_p50']:.1f} us, p99 {document['benchmark']['latency_us_p99']:.1f} us")
         result["cli_latency"] = latency

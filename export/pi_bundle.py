@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 import mobile
-from model import configlib
+from model import configlib, contract
 from model.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ SAMPLE_MIN_PROBABILITY = 0.9
 class BundleConfig:
     """Build the Raspberry Pi bundle (artifacts/mnist-pi.tar.gz)."""
 
-    model: Path = field(Path("artifacts/mobile/mnist.tflite"), "the .tflite model to ship (as mnist.tflite)")
+    model: Path = field(Path("artifacts/mobile") / contract.MOBILE_MODEL_FILE, f"the .tflite model to ship (as {contract.MOBILE_MODEL_FILE})")
     labels: Path | None = field(None, "labels file (default: labels.txt beside the model)")
     out: Path = field(Path("artifacts/mnist-pi.tar.gz"), "the archive to write")
     data_dir: Path | None = field(None, "MNIST IDX folder whose test digits become the samples (default: tests/data)")
@@ -83,7 +83,7 @@ class BundleConfig:
 
     @property
     def labels_path(self) -> Path:
-        return Path(self.labels) if self.labels else Path(self.model).with_name("labels.txt")
+        return Path(self.labels) if self.labels else Path(self.model).with_name(contract.LABELS_FILE)
 
 
 def shipped_files() -> list[tuple[str, Path]]:
@@ -153,8 +153,8 @@ def _upscaled_on_paper(digit: np.ndarray) -> np.ndarray:
 def _readme(config: BundleConfig, model_bytes: bytes) -> str:
     """export/pi_readme.md plus what this bundle holds (model variant, accuracy, checksum)."""
     text = (Path(__file__).with_name("pi_readme.md")).read_text(encoding="utf-8")
-    facts = [f"- model: `mnist.tflite`, {len(model_bytes):,} bytes, sha256 `{hashlib.sha256(model_bytes).hexdigest()[:16]}...`"]
-    report_path = Path(config.model).with_name("report.json")
+    facts = [f"- model: `{contract.MOBILE_MODEL_FILE}`, {len(model_bytes):,} bytes, sha256 `{hashlib.sha256(model_bytes).hexdigest()[:16]}...`"]
+    report_path = Path(config.model).with_name(contract.MOBILE_REPORT_FILE)
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
         for variant in report.get("variants", []):
@@ -194,8 +194,8 @@ def build_bundle(config: BundleConfig, log: Callable[[str], None] = print) -> Pa
     data_dir = Path(config.data_dir) if config.data_dir else REPO / "tests" / "data"
     model_bytes = Path(config.model).read_bytes()
     entries: dict[str, bytes] = {name: source.read_bytes() for name, source in shipped_files()}
-    entries["mnist.tflite"] = model_bytes
-    entries["labels.txt"] = config.labels_path.read_bytes()
+    entries[contract.MOBILE_MODEL_FILE] = model_bytes
+    entries[contract.LABELS_FILE] = config.labels_path.read_bytes()
     for name, source in REQUIREMENTS.items():
         entries[name] = source.read_bytes()
     for name, data in make_samples(config.model, config.labels_path, data_dir, config.seed).items():

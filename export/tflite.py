@@ -36,7 +36,7 @@ from mobile.runtime import Classifier
 from model import configlib, contract
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
-RECOMMENDED_FILE = "mnist.tflite"
+RECOMMENDED_FILE = contract.MOBILE_MODEL_FILE
 # int8 is recommended when it stays this close (absolute) to float32 and loads everywhere.
 INT8_MAX_ACCURACY_DROP = 0.003
 # Parity between a float TFLite file and Keras: same maths, different kernels.
@@ -422,7 +422,7 @@ def export_tflite(
         shutil.copyfile(tmp / f"{report['recommended']}.tflite", tmp / RECOMMENDED_FILE)
         (tmp / contract.LABELS_FILE).write_text("\n".join(contract.LABELS) + "\n", encoding="utf-8")
         report["seconds"] = round(time.perf_counter() - start, 1)
-        configlib.write_json_atomic(tmp / "report.json", report)
+        configlib.write_json_atomic(tmp / contract.MOBILE_REPORT_FILE, report)
         write_report_markdown(report, tmp / "report.md")
         plot_size_accuracy(report, tmp / "size_accuracy.png")
         os.rename(tmp, out_dir)

@@ -48,5 +48,8 @@ RUN_GPU_REPORT_FILE = "gpu_report.json"
 # Inside a SavedModel version folder, TF Serving's own conventions.
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 VERSION_METRICS_FILE = "assets.extra/metrics.json"
-# Beside the recommended TFLite model.
+# The TFLite export's folder (artifacts/mobile/): the recommended model, with its labels and
+# the report beside it (mobile/ reads labels.txt by this name too; it cannot import this).
+MOBILE_MODEL_FILE = "mnist.tflite"
+MOBILE_REPORT_FILE = "report.json"
 LABELS_FILE = "labels.txt"
