@@ -112,6 +112,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
     """Measure everything the module docstring lists; returns the JSON-ready result."""
     from export import photos
     from mobile import preprocess
+    from mobile.classify import percentiles_us
     from mobile.runtime import Classifier, ModelError
     from model import idx
 
@@ -200,15 +201,15 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
             }
             per_variant[name]["gap_points"] = round(100 * (per_variant[name]["clean_accuracy"] - per_variant[name]["preprocessed_accuracy"]), 2)
         sizes = np.array([max(p.rgb.shape[:2]) for p in photos])
-        micros = np.array(prep_seconds) * 1e6
+        prep = percentiles_us(prep_seconds)
         result["photos"] = {
             "count": count,
             "seed": config.seed,
             "jpeg_fraction": float(np.mean([p.format == "jpeg" for p in photos])),
             "long_side_px": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
             "preprocess_failures": failures,
-            "preprocess_us_p50": float(np.percentile(micros, 50)),
-            "preprocess_us_p99": float(np.percentile(micros, 99)),
+            "preprocess_us_p50": prep["p50"],
+            "preprocess_us_p99": prep["p99"],
             "synthesis_seconds": round(synth_seconds, 1),
             "variants": per_variant,
         }

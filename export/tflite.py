@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mobile.classify import percentiles_us
 from mobile.runtime import Classifier
 from model import configlib, contract
 
@@ -173,19 +174,14 @@ class LiteModel(Classifier):
         for _ in range(warmup):
             self._interpreter.set_tensor(index, x)
             self._interpreter.invoke()
-        times = np.empty(runs)
-        for i in range(runs):
+        seconds = []
+        for _ in range(runs):
             start = time.perf_counter()
             self._interpreter.set_tensor(index, x)
             self._interpreter.invoke()
             self._interpreter.get_tensor(out)
-            times[i] = time.perf_counter() - start
-        times *= 1e6
-        return {
-            "latency_us_mean": round(float(times.mean()), 2),
-            "latency_us_p50": round(float(np.percentile(times, 50)), 2),
-            "latency_us_p99": round(float(np.percentile(times, 99)), 2),
-        }
+            seconds.append(time.perf_counter() - start)
+        return {f"latency_us_{k}": round(v, 2) for k, v in percentiles_us(seconds).items()}
 
     def describe(self) -> dict[str, Any]:
         def tensor(d):
