@@ -92,12 +92,6 @@ def shipped_files() -> list[tuple[str, Path]]:
     return [(f"mobile/{name}.py", package / f"{name}.py") for name in mobile.SHIPPED_MODULES]
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[str, bytes]:
     """Sample pictures {file name: bytes}: a photo per class, a light-on-dark PNG, an MNIST PNG.
 
@@ -105,6 +99,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     its digit with probability >= SAMPLE_MIN_PROBABILITY.
     """
     from export import photos
+    from export.saved_model import encode_png
     from mobile import preprocess
     from mobile.runtime import Classifier
     from model import idx
@@ -137,7 +132,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
         for index in np.flatnonzero(test.labels == digit)[:50]:
             picture = render(test.images[index])
             if confident(picture, digit):
-                samples[f"{digit}-{kind}"] = _png(picture)
+                samples[f"{digit}-{kind}"] = encode_png(picture)
                 break
     return samples
 
