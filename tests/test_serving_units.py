@@ -641,6 +641,32 @@ def test_only_small_numeric_requests_arriving_alone_run_on_the_event_loop():
         assert not core._lone_request()
 
 
+def test_requests_run_on_the_event_loop_only_after_a_quiet_period_without_company(monkeypatch):
+    # Under load the first request of each wave finds none in flight and, on a slow
+    # machine, a long gap behind it: it must not run on the loop just after a crowd.
+    import types
+
+    from serving import server
+
+    clock = types.SimpleNamespace(now=100.0)
+    monkeypatch.setattr(server, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None)
+    with core.arrival():
+        assert core._lone_request()
+    clock.now += 0.005
+    with core.arrival():
+        clock.now += 0.0001
+        with core.arrival():  # two in flight together
+            pass
+    clock.now += 0.005  # a slow gap, as between waves
+    with core.arrival():
+        assert not core._lone_request()
+        clock.now += server.INLINE_QUIET_S
+    clock.now += 0.005
+    with core.arrival():
+        assert core._lone_request()  # quiet for long enough: alone again
+
+
 def test_grpc_requests_are_gathered_only_while_others_are_in_flight():
     import asyncio
 
