@@ -68,6 +68,18 @@ $(TFLITE_RUNTIME_STAMP): requirements/pi-tflite-runtime.txt
 	$(VENV_TFLITE_RUNTIME)/bin/python -m pip install --quiet -r requirements/pi-tflite-runtime.txt
 	@touch $@
 
+# Docker Compose v2 for tests/test_serving_compose.py: `docker compose` where it works, else
+# Debian's static build, pinned by checksum in .ci/fetch-compose (no Docker engine needed).
+COMPOSE_TOOL := .tools/docker-compose
+
+.PHONY: setup-compose
+setup-compose: ## Docker Compose v2 to check serving/compose.yaml: `docker compose`, else Debian's binary in .tools/
+	@docker compose version >/dev/null 2>&1 || $(MAKE) --no-print-directory -s $(COMPOSE_TOOL)
+
+$(COMPOSE_TOOL): .ci/fetch-compose
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH" >&2; exit 1; }
+	$(PYTHON) .ci/fetch-compose $@
+
 # ---------------------------------------------------------------------------------------------
 # Train
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +107,7 @@ bench-train: setup ## Benchmark training: per-epoch time, samples/s, tf.data thr
 # Test
 # ---------------------------------------------------------------------------------------------
 .PHONY: test
-test: setup setup-tflite-runtime ## Run the test suite (5-10 minutes on 2 CPU cores)
+test: setup setup-tflite-runtime setup-compose ## Run the test suite (5-10 minutes on 2 CPU cores)
 	$(PY) -m pytest $(TEST_ARGS)
 
 .PHONY: clean
@@ -103,8 +115,8 @@ clean: ## Remove artifacts/ (runs, exports, benchmarks); keeps the virtual envir
 	rm -rf artifacts
 
 .PHONY: distclean
-distclean: clean ## Remove artifacts/ and the virtual environments
-	rm -rf $(VENV) $(VENV_TFLITE_RUNTIME)
+distclean: clean ## Remove artifacts/, the virtual environments and fetched tools (.tools/)
+	rm -rf $(VENV) $(VENV_TFLITE_RUNTIME) .tools
 
 # ---------------------------------------------------------------------------------------------
 # Export (issue 3)
