@@ -296,7 +296,8 @@ class ServingCore:
         loop, the server's bottleneck, slows further: at 32 gRPC clients, 4.5% of requests
         ran inline, 18% with a busy process beside the server. A lone client never has two
         in flight, so the quiet period costs it nothing; with it, 32 gRPC clients beside a
-        busy process got 17% more predictions/s (median of 6 alternated rounds)."""
+        busy process got 10% and 17% more predictions/s in two comparisons (each the median
+        of 6 alternated rounds), and about the same without the busy process."""
         return (self.in_flight == 1 and self.arrival_gap > INLINE_MIN_GAP_S
                 and time.perf_counter() - self._last_crowded > INLINE_QUIET_S)
 
