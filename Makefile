@@ -137,7 +137,8 @@ bench-export: setup setup-tflite-runtime ## Time a full export of RUN into a scr
 TF_SERVING_TAG ?= 2.21.0
 GPU ?=
 SERVE_STATE := artifacts/serving-local
-COMPOSE := docker compose -f serving/compose.yaml
+# `docker compose`, else the standalone binary from make setup-compose (evaluated on use).
+COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo docker compose || { test -x $(COMPOSE_TOOL) && echo $(COMPOSE_TOOL); } || echo docker compose) -f serving/compose.yaml
 COMPOSE_ENV := MODEL_BASE=$(abspath $(MODEL_BASE)) REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) TF_SERVING_TAG=$(TF_SERVING_TAG)
 USE_GPU := $(filter 1 true yes,$(GPU))
 
@@ -151,7 +152,7 @@ serve: setup ## Serve MODEL_BASE: TF Serving in Docker if a Docker engine answer
 	  $(MAKE) --no-print-directory serve-local; \
 	fi
 
-serve-docker: setup ## TF Serving container in the foreground (TF_SERVING_TAG=, GPU=1 for the -gpu image)
+serve-docker: setup setup-compose ## TF Serving container in the foreground (TF_SERVING_TAG=, GPU=1 for the -gpu image)
 	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine answers (docker info failed); try make serve-local" >&2; exit 1; }
 	$(PY) -m serving.docker_check --image tensorflow/serving:$(TF_SERVING_TAG)$(if $(USE_GPU),-gpu) --models-root $(MODEL_BASE)
 	$(COMPOSE_ENV) $(COMPOSE) $(if $(USE_GPU),--profile gpu up tfserving-gpu,up tfserving)

@@ -22,6 +22,21 @@ import numpy as np
 from model import contract
 
 REPO = Path(__file__).resolve().parents[1]
+COMPOSE_TOOL = REPO / ".tools" / "docker-compose"  # the Makefile's COMPOSE_TOOL (make setup-compose)
+
+
+def compose_command() -> list[str] | None:
+    """Docker Compose v2: `docker compose` where it works, else the standalone binary
+    `make setup-compose` fetched; None when neither is here."""
+    import os
+    import subprocess
+
+    try:
+        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+            return ["docker", "compose"]
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        pass
+    return [str(COMPOSE_TOOL)] if os.access(COMPOSE_TOOL, os.X_OK) else None
 
 # Tolerance between the served probabilities and the SavedModel's own: the same graph on the
 # same machine; batching only changes which rows run together (row-wise ops: exact).

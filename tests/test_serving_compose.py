@@ -19,29 +19,17 @@ import pytest
 
 from model import contract
 from serving import config_files, docker_check
-from tests.serving_fixtures import REPO
+from tests.serving_fixtures import COMPOSE_TOOL, REPO, compose_command
 
 COMPOSE_FILE = REPO / "serving" / "compose.yaml"
-COMPOSE_TOOL = REPO / ".tools" / "docker-compose"  # the Makefile's COMPOSE_TOOL
 SERVICE, GPU_SERVICE = "tfserving", "tfserving-gpu"
 # What the compose file reads from the environment (the Makefile's COMPOSE_ENV).
 COMPOSE_VARIABLES = ("MODEL_BASE", "REST_PORT", "GRPC_PORT", "TF_SERVING_TAG")
 
 
-def _compose_command() -> list[str] | None:
-    try:
-        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
-            return ["docker", "compose"]
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        pass
-    if os.access(COMPOSE_TOOL, os.X_OK):
-        return [str(COMPOSE_TOOL)]
-    return None
-
-
 @pytest.fixture(scope="module")
 def resolve():
-    command = _compose_command()
+    command = compose_command()
     if command is None:
         pytest.skip(f"no Docker Compose here: `docker compose` does not work and {COMPOSE_TOOL} is "
                     "missing (`make setup-compose` fetches it on Linux amd64/arm64)")

@@ -1,7 +1,8 @@
 """The same end-to-end check against the real TF Serving container (serving/compose.yaml).
 
-Runs only where a Docker engine answers (`docker info`) with the compose v2 plugin; skips
-with that reason elsewhere. It checks the image's TensorFlow first (serving/docker_check.py),
+Runs only where a Docker engine answers (`docker info`) and Docker Compose v2 is here (the
+plugin, or .tools/docker-compose from `make setup-compose`); skips with that reason
+elsewhere. It checks the image's TensorFlow first (serving/docker_check.py),
 starts the CPU service on free ports over a copy of the exported model, and compares REST
 and gRPC answers (raw pixels and b64 PNGs) with the SavedModel's own outputs.
 """
@@ -20,7 +21,7 @@ import requests
 
 from model import contract
 from tests.serving_fixtures import (
-    PROBABILITY_ATOL, REPO, png_bytes, saved_model_bytes_outputs, saved_model_outputs,
+    PROBABILITY_ATOL, REPO, compose_command, png_bytes, saved_model_bytes_outputs, saved_model_outputs,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -34,9 +35,8 @@ def _docker_problem() -> str | None:
         return f"docker is not usable here ({err})"
     if info.returncode != 0:
         return "no Docker engine answers (`docker info` failed: " + (info.stderr.strip().splitlines() or ["?"])[-1] + ")"
-    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
-    if compose.returncode != 0:
-        return "the docker compose v2 plugin is not installed"
+    if compose_command() is None:
+        return "no Docker Compose v2: neither the docker compose plugin nor .tools/docker-compose (make setup-compose)"
     return None
 
 
@@ -63,7 +63,7 @@ def container(docker_ready, exported, tmp_path_factory):
     project = f"mnist-test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "MODEL_BASE": str(root), "REST_PORT": str(rest), "GRPC_PORT": str(grpc_port),
            "TF_SERVING_TAG": TAG}
-    compose = ["docker", "compose", "-p", project, "-f", str(REPO / "serving" / "compose.yaml")]
+    compose = [*compose_command(), "-p", project, "-f", str(REPO / "serving" / "compose.yaml")]
     subprocess.run([*compose, "up", "-d", "tfserving"], check=True, env=env, timeout=900)
     try:
         url = f"http://127.0.0.1:{rest}"
