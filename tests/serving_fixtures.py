@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -28,9 +30,6 @@ COMPOSE_TOOL = REPO / ".tools" / "docker-compose"  # the Makefile's COMPOSE_TOOL
 def compose_command() -> list[str] | None:
     """Docker Compose v2: `docker compose` where it works, else the standalone binary
     `make setup-compose` fetched; None when neither is here."""
-    import os
-    import subprocess
-
     try:
         if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
             return ["docker", "compose"]
