@@ -20,6 +20,9 @@ RUN ?= artifacts/runs/latest
 EXPORT_ARGS ?=
 REST_PORT ?= 8501
 GRPC_PORT ?= 8500
+# The address both servers listen on (the container's published ports, the local server's
+# --host): this machine only by default; BIND_ADDRESS=0.0.0.0 exposes them on every interface.
+BIND_ADDRESS ?= 127.0.0.1
 MODEL_BASE ?= artifacts/serving
 TEST_ARGS ?=
 
@@ -36,7 +39,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables: DATA_DIR=<IDX folder>  REQUIRE_GPU=1  ARGS=\"--flag value ...\"  RUN=<run folder>"
-	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) MODEL_BASE=$(MODEL_BASE)"
+	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) BIND_ADDRESS=$(BIND_ADDRESS) MODEL_BASE=$(MODEL_BASE)"
 
 # ---------------------------------------------------------------------------------------------
 # Environments
@@ -139,7 +142,7 @@ GPU ?=
 SERVE_STATE := artifacts/serving-local
 # `docker compose`, else the standalone binary from make setup-compose (evaluated on use).
 COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo docker compose || { test -x $(COMPOSE_TOOL) && echo $(COMPOSE_TOOL); } || echo docker compose) -f serving/compose.yaml
-COMPOSE_ENV := MODEL_BASE=$(abspath $(MODEL_BASE)) REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) TF_SERVING_TAG=$(TF_SERVING_TAG)
+COMPOSE_ENV := MODEL_BASE=$(abspath $(MODEL_BASE)) REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) BIND_ADDRESS=$(BIND_ADDRESS) TF_SERVING_TAG=$(TF_SERVING_TAG)
 USE_GPU := $(filter 1 true yes,$(GPU))
 
 .PHONY: serve serve-docker serve-local serve-stop query bench-serve
@@ -157,8 +160,8 @@ serve-docker: setup setup-compose ## TF Serving container in the foreground (TF_
 	$(PY) -m serving.docker_check --image tensorflow/serving:$(TF_SERVING_TAG)$(if $(USE_GPU),-gpu) --models-root $(MODEL_BASE)
 	$(COMPOSE_ENV) $(COMPOSE) $(if $(USE_GPU),--profile gpu up tfserving-gpu,up tfserving)
 
-serve-local: setup ## Local TF Serving stand-in in the foreground until Ctrl-C/SIGTERM (REST_PORT, GRPC_PORT, MODEL_BASE)
-	$(PY) -m serving.server --models-root $(MODEL_BASE) --rest-api-port $(REST_PORT) --port $(GRPC_PORT) --state-dir $(SERVE_STATE) $(ARGS)
+serve-local: setup ## Local TF Serving stand-in in the foreground until Ctrl-C/SIGTERM (REST_PORT, GRPC_PORT, BIND_ADDRESS, MODEL_BASE)
+	$(PY) -m serving.server --models-root $(MODEL_BASE) --host $(BIND_ADDRESS) --rest-api-port $(REST_PORT) --port $(GRPC_PORT) --state-dir $(SERVE_STATE) $(ARGS)
 
 serve-stop: ## Stop what make serve started: the local server (SIGTERM via its pid file) and the container
 	@pidfile=$(SERVE_STATE)/server.pid; \

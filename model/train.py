@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -360,7 +361,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     import numpy as np
     import tensorflow as tf
 
-    from model import data, evaluate
+    from model import backup, data, evaluate
 
     keras.utils.set_random_seed(config.seed)  # Python, numpy and TF seeds
 
@@ -439,7 +440,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     callbacks = [
         # BackupAndRestore first: its on_train_begin restores the weights and epoch counter that
         # the others then build on.
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        backup.atomic_backup_and_restore(backup_dir),  # never half-written: model/backup.py
         EpochTimer(),
         ResumableEarlyStopping(
             state_dir=backup_dir, monitor="val_accuracy", mode="max", patience=config.patience,
@@ -519,7 +520,8 @@ T = TypeVar("T")
 
 def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
     """(fn(), 0), or (None, exit status) after printing a one-line error for the failures a
-    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), bad data or settings (1).
+    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), bad data or settings, a
+    failed write in the run folder (1; configlib.write_failure names the file and cause).
     Shared by the entry points that train (model.train, model.bench)."""
     from model import data, gpu, idx
 
@@ -530,6 +532,18 @@ def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
         return None, gpu.EXIT_NO_GPU
     except (data.DataError, idx.IdxError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return None, 1
+    except Exception as err:
+        failure = configlib.write_failure(err)  # a full disk, a quota, a read-only folder...
+        if failure is None:
+            raise
+        print(f"error: cannot write {failure}. Make room (or fix the folder), then run the same "
+              "command again: it resumes from the last finished epoch.", file=sys.stderr, flush=True)
+        if any("/h5py/" in frame.filename for frame in traceback.extract_tb(err.__traceback__)):
+            # h5py cannot close a .h5 file whose write failed: its clean-up at interpreter exit
+            # crashes the process (SIGSEGV, exit 139, after a page of tracebacks). Leave now.
+            sys.stdout.flush()
+            os._exit(1)
         return None, 1
 
 
