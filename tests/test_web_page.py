@@ -269,6 +269,10 @@ def test_drawn_digits_are_read_by_tf_serving(session, demo):
         assert len(values) == contract.NUM_CLASSES and abs(sum(values) - 100) < 0.5, shown["bars"]
         assert shown["bars"][int(shown["digit"])].startswith(shown["digit"] + " ")
         assert re.fullmatch(r"\d+ ms round trip", shown["timing"]), shown["timing"]
+    # The 28x28 picture the model saw is shown exactly when the signature returns it.
+    with urllib.request.urlopen(f"{demo.server_url}/v1/models/{contract.MODEL_NAME}/metadata", timeout=30) as r:
+        signature = json.loads(r.read())["metadata"]["signature_def"]["signature_def"][contract.SIGNATURE_BYTES]
+    assert web_driver.shown(page)["seen"] == (web_driver.OUTPUT_MNIST_IMAGE in signature["outputs"])
     right = [d for d, (_p, shown_digit, _c) in results.items() if shown_digit == str(d)]
     print("drawn digit -> shown:", results)
     assert len(right) >= MIN_DRAWN_RIGHT, f"{len(right)}/10 right: {results}"
@@ -337,6 +341,35 @@ def test_undo_clear_and_keyboard_shortcut(session, demo):
     page.click("#clear")
     shown = web_driver.shown(page)
     assert (shown["digit"], shown["state"], shown["bars"], shown["message"]) == ("?", "idle", [], None)
+
+
+def test_shows_the_picture_the_model_saw(session, demo):
+    """When an answer carries the 28x28 picture the model saw, the page draws it pixel for
+    pixel. The server's real answer gets a known picture added on its way to the page."""
+    page = session.page
+    seen = [[(7 * row + 3 * col) % 256 for col in range(28)] for row in range(28)]
+
+    def add_picture(route):
+        answer = route.fetch()
+        body = answer.json()
+        body["predictions"][0][web_driver.OUTPUT_MNIST_IMAGE] = seen
+        route.fulfill(response=answer, json=body)
+
+    page.route("**/*:predict", add_picture)
+    open_page(session, demo.url)
+    web_driver.draw(page, web_driver.DIGIT_STROKES[8], pointer="mouse")
+    assert web_driver.answer(page)["seen"]
+    shown = page.evaluate("""() => {
+        const c = document.getElementById('seen-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const rows = [];
+        for (let y = 0; y < c.height; y++) {
+            rows.push([]);
+            for (let x = 0; x < c.width; x++) rows[y].push(d[4 * (y * c.width + x)]);
+        }
+        return rows;
+    }""")
+    assert shown == seen
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from model import contract
+
 CHROMIUM = Path(os.environ.get("MNIST_TEST_CHROMIUM", "/usr/bin/chromium"))
 # Debian's Chromium on a machine without a display, a GPU or a way out: no background
 # connections (they would be refused, many at a time), no first-run or sync machinery, no
@@ -27,6 +29,10 @@ CHROMIUM_ARGS = (
     "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 )
+# The output that carries the 28x28 picture the model saw: model/contract.py's once issue 10
+# adds it there (tests/test_demo.py checks the page's own name against it), the agreed name
+# until then.
+OUTPUT_MNIST_IMAGE = getattr(contract, "OUTPUT_MNIST_IMAGE", "mnist_image")
 # The longest a page action may take on a loaded 2-core machine (not a speed target).
 ACTION_TIMEOUT_MS = 60_000
 

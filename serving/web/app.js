@@ -272,6 +272,11 @@ function firstFile(list) {
 }
 
 function wireInputs() {
+  // A file the browser cannot show (not a picture, or a format it lacks) is still sent: the
+  // model decides. Only its name stays on screen.
+  els.picture.addEventListener("error", () => {
+    els.picture.hidden = true;
+  });
   pad.addEventListener("change", (event) => {
     bump();
     updateButtons();
