@@ -238,6 +238,13 @@ def server_predict(demo: Demo, picture: bytes) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def assert_shows_server_error(shown: dict, status: int, message: str) -> None:
+    """The page shows TF Serving's own error: its HTTP status and its message, verbatim."""
+    assert shown["state"] == "error" and shown["message_kind"] == "server", shown
+    assert shown["message_title"] == f"TF Serving answered HTTP {status}:", shown
+    assert shown["message_detail"] == message, shown
+
+
 def sent_picture(request_body: str) -> bytes:
     """The picture inside a :predict body the page sent."""
     instance = json.loads(request_body)["instances"][0]
@@ -437,9 +444,7 @@ def test_non_image_file_shows_tf_servings_error(session, demo, tmp_path):
     shown = web_driver.answer(page)
     status, answer = server_predict(demo, notes.read_bytes())
     assert status == 400 and set(answer) == {"error"}, (status, answer)
-    assert shown["state"] == "error" and shown["message_kind"] == "server", shown
-    assert shown["message_title"] == f"TF Serving answered HTTP {status}:", shown
-    assert shown["message_detail"] == answer["error"], shown
+    assert_shows_server_error(shown, status, answer["error"])
 
 
 def test_blank_canvas_shows_tf_servings_error(session, demo):
@@ -457,9 +462,7 @@ def test_blank_canvas_shows_tf_servings_error(session, demo):
         assert shown["state"] == "done" and shown["digit"] == str(answer["predictions"][0][contract.OUTPUT_DIGIT])
         pytest.skip("this model's serving_bytes answers a blank picture with a digit instead of an "
                     "INVALID_ARGUMENT (issue 10's preprocessing refuses it); the page showed that digit")
-    assert shown["state"] == "error" and shown["message_kind"] == "server", shown
-    assert shown["message_title"] == f"TF Serving answered HTTP {status}:", shown
-    assert shown["message_detail"] == answer["error"], shown
+    assert_shows_server_error(shown, status, answer["error"])
 
 
 def test_unknown_model_shows_tf_servings_error(session, demo):
@@ -470,9 +473,7 @@ def test_unknown_model_shows_tf_servings_error(session, demo):
     request = urllib.request.Request(f"{demo.server_url}/v1/models/nosuchmodel")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=30)
-    expected = json.loads(err.value.read())["error"]
-    assert shown["message_title"] == f"TF Serving answered HTTP {err.value.code}:", shown
-    assert shown["message_detail"] == expected, shown
+    assert_shows_server_error(shown, err.value.code, json.loads(err.value.read())["error"])
     assert "nosuchmodel" in shown["model_line"] and "not available" in shown["model_line"]
 
 
