@@ -568,6 +568,7 @@ def test_keyboard_only(session, demo):
     assert page.get_by_label("Upload a picture").count() == 1
     assert page.get_by_label("Take a photo").count() == 1
     assert page.get_by_role("list", name="Probability of each digit").count() == 1
+    assert page.locator("#announce").text_content().startswith("TF Serving reads 1, ")  # for screen readers
     # Enter on Predict asks again; Ctrl+Z undoes.
     rev = web_driver.revision(page)
     page.focus("#predict")

@@ -18,7 +18,7 @@ const els = {
   modelLine: $("model-line"), dropzone: $("dropzone"), pad: $("pad"), picture: $("picture"),
   pictureName: $("picture-name"), undo: $("undo"), clear: $("clear"), predict: $("predict"),
   file: $("file"), camera: $("camera"), message: $("message"), result: $("result"),
-  digit: $("digit"), confidence: $("confidence"), timing: $("timing"), seen: $("seen"),
+  announce: $("announce"), digit: $("digit"), confidence: $("confidence"), timing: $("timing"), seen: $("seen"),
   seenCanvas: $("seen-canvas"), bars: $("bars"), serverInput: $("server-input"),
   modelInput: $("model-input"),
 };
@@ -103,6 +103,7 @@ function setState(state, rev) {
 }
 
 function resetResult() {
+  els.announce.textContent = "";
   els.message.hidden = true;
   els.message.replaceChildren();
   els.digit.textContent = "?";
@@ -149,6 +150,8 @@ function showAnswer({ version, outputs, roundTripMs }, rev) {
   els.message.replaceChildren();
   els.digit.textContent = String(digit);
   els.confidence.textContent = `${(100 * probabilities[digit]).toFixed(1)} % sure`;
+  // What a screen reader says (a polite live region: updates while drawing are merged).
+  els.announce.textContent = `TF Serving reads ${digit}, ${Math.round(100 * probabilities[digit])} percent sure`;
   els.timing.textContent = `${Math.round(roundTripMs)} ms round trip`;
   els.bars.replaceChildren(...probabilities.map((p, i) => {
     const item = document.createElement("li");
