@@ -189,7 +189,9 @@ function showError(err, rev) {
   detail.className = "message-detail";
   detail.textContent = err.message;
   if (err instanceof ServingError && err.kind === "server") {
-    title.textContent = `TF Serving answered HTTP ${err.status || "error"}:`;
+    // No status: the page read it from TF Serving's status or metadata (no version loaded,
+    // no serving_bytes signature).
+    title.textContent = err.status ? `TF Serving answered HTTP ${err.status}:` : "TF Serving reports:";
     els.message.dataset.kind = "server";
   } else if (err instanceof ServingError && err.kind === "unreachable") {
     title.textContent = "No answer.";
