@@ -516,6 +516,12 @@ def test_version_and_label_settings(session, demo):
     open_page(session, demo.page(label="stable"))  # serving/models.config: stable -> 1
     assert "version 1" in web_driver.shown(page)["model_line"]
     assert "label stable" in web_driver.shown(page)["model_line"]
+    # A version that is not loaded: TF Serving's own answer to the page's metadata request.
+    session.network_errors_expected = True
+    open_page(session, demo.page(version="9"))
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{demo.server_url}/v1/models/{contract.MODEL_NAME}/versions/9/metadata", timeout=30)
+    assert_shows_server_error(web_driver.shown(page), err.value.code, json.loads(err.value.read())["error"])
 
 
 # --------------------------------------------------------------------------------------------
