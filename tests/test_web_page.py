@@ -56,7 +56,9 @@ MIN_DRAWN_RIGHT = 9
 # digits, confidently wrong on 6, 7 and 9: clean pen strokes are not MNIST's scans, and so few
 # images without augmentation generalise poorly. The same architecture on the same images with
 # the training pipeline's augmentation for 12 epochs (~94.5%) reads all 10 (the full-MNIST
-# model does too); it trains in about 15 s, once per module.
+# model does too); it trains in about 15 s, once per module. Both read all 10 when the same
+# PNGs go through MNIST's recipe first (mobile/preprocess.to_mnist, then serving_default):
+# once serving_bytes follows that recipe (issue 10), `exported` can serve here instead.
 DRAWING_MODEL_EPOCHS = 12
 
 
