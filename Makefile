@@ -39,7 +39,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables: DATA_DIR=<IDX folder>  REQUIRE_GPU=1  ARGS=\"--flag value ...\"  RUN=<run folder>"
-	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) BIND_ADDRESS=$(BIND_ADDRESS) MODEL_BASE=$(MODEL_BASE)"
+	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) BIND_ADDRESS=$(BIND_ADDRESS) MODEL_BASE=$(MODEL_BASE) DEMO_PORT=$(DEMO_PORT)"
 
 # ---------------------------------------------------------------------------------------------
 # Environments
@@ -183,6 +183,31 @@ query: setup ## Ask the server: make query ARGS="status|metadata|predict FILE...
 
 bench-serve: setup ## Benchmark the local server (REST/gRPC, batch 1/64, 1/8/32 clients) -> artifacts/bench/serve.json
 	$(PY) -m serving.bench --model-base $(MODEL_BASE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# The web page (issue 14)
+# ---------------------------------------------------------------------------------------------
+# make demo: the model server as make serve starts it, with CORS on, plus the page in
+# serving/web/ on 127.0.0.1:DEMO_PORT. DEMO_BACKEND=auto|docker|local|none (none: only the
+# page, for a TF Serving that already runs with CORS: ARGS="--server-url http://host:8501").
+DEMO_PORT ?= 8080
+DEMO_BACKEND ?= auto
+
+.PHONY: demo setup-browser
+demo: setup ## Web page: draw/upload/photograph a digit, see TF Serving's answer (server as make serve, CORS on; Ctrl-C stops both)
+	@if [ "$(DEMO_BACKEND)" != none ] && ! ls $(MODEL_BASE)/mnist 2>/dev/null | grep -qE '^[0-9]+$$'; then \
+	  if [ "$(MODEL_BASE)" = artifacts/serving ]; then \
+	    echo "demo: no model in $(MODEL_BASE)/mnist yet: training one first (make train)"; \
+	    $(MAKE) --no-print-directory train || exit $$?; \
+	  else echo "error: no model version in $(MODEL_BASE)/mnist (make train publishes to artifacts/serving)" >&2; exit 1; fi; \
+	fi
+	$(PY) -m serving.demo --backend $(DEMO_BACKEND) --page-port $(DEMO_PORT) --rest-port $(REST_PORT) \
+	  --grpc-port $(GRPC_PORT) --models-root $(MODEL_BASE) --state-dir $(SERVE_STATE) $(ARGS)
+
+setup-browser: ## Debian's Chromium for the browser tests (.ci/install-browser, as root or through sudo)
+	@if [ -x /usr/bin/chromium ]; then echo "setup-browser: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then .ci/install-browser; \
+	else sudo .ci/install-browser; fi
 
 # ---------------------------------------------------------------------------------------------
 # Raspberry Pi (issue 5)
