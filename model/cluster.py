@@ -15,6 +15,10 @@ TensorFlow gives for most of them. Mistakes that only show once the processes me
 with different clusters, a worker that never starts) are caught by model/distributed.py, which
 compares `ClusterSpec.fingerprint()` across workers under a start-up timeout.
 
+`python -m model.cluster --workers N --index I --host 'train-{index}.train' --port 2222`
+prints one worker's TF_CONFIG: what each pod of the Kubernetes training Job runs
+(serving/kubernetes/training/job.yaml) with its completion index.
+
 Pure Python (no TensorFlow): importable anywhere, cheap to test.
 """
 
@@ -24,8 +28,11 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from model import configlib
 
 EXIT_CLUSTER = 2  # a usage error, like a bad flag: the cluster settings must change
 
@@ -180,3 +187,46 @@ def tf_config_for(jobs: Mapping[str, list[str]], task_type: str, index: int) -> 
     payload: dict[str, Any] = {"cluster": {k: list(v) for k, v in jobs.items()},
                                "task": {"type": task_type, "index": index}}
     return json.dumps(payload, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class TfConfigRequest:
+    """Print the TF_CONFIG of one worker of N whose addresses follow a pattern (an Indexed
+    Job's pods: `<job>-<index>.<headless service>`)."""
+
+    workers: int = configlib.field(0, "number of workers (the Job's completions)")
+    index: int = configlib.field(-1, "this worker's index (the pod's JOB_COMPLETION_INDEX)")
+    host: str = configlib.field("", "host name pattern with {index}, e.g. mnist-train-{index}.mnist-train")
+    port: int = configlib.field(2222, "port every worker listens on")
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise configlib.ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 <= self.index < self.workers:
+            raise configlib.ConfigError(f"--index {self.index} is not in 0-{self.workers - 1}")
+        if "{index}" not in self.host:
+            raise configlib.ConfigError(f"--host {self.host!r} must contain {{index}}")
+        if not 0 < self.port < 65536:
+            raise configlib.ConfigError(f"--port {self.port} is not a TCP port")
+
+    def tf_config(self) -> str:
+        hosts = [f"{self.host.format(index=i)}:{self.port}" for i in range(self.workers)]
+        text = tf_config_for({"worker": hosts}, "worker", self.index)
+        parse_tf_config(text)  # what the workers will check, checked here first
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.cluster --workers N --index I --host PATTERN [--port P]` prints the
+    TF_CONFIG JSON for worker I (the Kubernetes training Job runs it in each pod)."""
+    request = configlib.parse_config(TfConfigRequest, argv, prog="python -m model.cluster")
+    try:
+        print(request.tf_config())
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CLUSTER
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,3 +75,22 @@ def test_from_environment_reads_tf_config():
     assert cluster.from_environment(env).worker_id == 1
     with pytest.raises(ClusterError):
         cluster.from_environment({})
+
+
+def test_the_tf_config_cli_builds_each_pods_tf_config(capsys):
+    assert cluster.main(["--workers", "3", "--index", "2", "--host", "train-{index}.svc", "--port", "2222"]) == 0
+    spec = parse_tf_config(capsys.readouterr().out)
+    assert spec.jobs == {"worker": ("train-0.svc:2222", "train-1.svc:2222", "train-2.svc:2222")}
+    assert spec.worker_id == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "2", "--index", "2", "--host", "h-{index}"], "--index 2 is not in 0-1"),
+    (["--workers", "0", "--index", "0", "--host", "h-{index}"], "--workers must be >= 1"),
+    (["--workers", "2", "--index", "0", "--host", "h"], "must contain {index}"),
+])
+def test_the_tf_config_cli_refuses_impossible_requests(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cluster.main(argv)
+    assert info.value.code == cluster.EXIT_CLUSTER
+    assert message in capsys.readouterr().err
