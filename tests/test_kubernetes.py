@@ -256,10 +256,13 @@ def test_ports_services_and_scaling_point_at_the_served_ports(serving_objects):
     for service in services.values():
         assert service["spec"]["selector"].items() <= pod_labels.items()
     rest, grpc = services["tfserving"], services["tfserving-grpc"]
-    assert [(p["port"], ports[p["targetPort"]]) for p in rest["spec"]["ports"]] == [(8501, 8501)]
+    rest_port, grpc_port = int(ours["rest_api_port"]), int(ours["port"])
+    assert [(p["port"], ports[p["targetPort"]]) for p in rest["spec"]["ports"]] == \
+        [(rest_port, rest_port), (grpc_port, grpc_port)]
     # gRPC: headless, so that clients see every pod and balance calls over them.
     assert grpc["spec"]["clusterIP"] == "None"
-    assert [(p["port"], ports[p["targetPort"]], p["appProtocol"]) for p in grpc["spec"]["ports"]] == [(8500, 8500, "grpc")]
+    assert [(p["port"], ports[p["targetPort"]], p["appProtocol"]) for p in grpc["spec"]["ports"]] == \
+        [(grpc_port, grpc_port, "grpc")]
     budget = one(serving_objects, "PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     autoscaler = one(serving_objects, "HorizontalPodAutoscaler")
