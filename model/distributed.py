@@ -41,9 +41,9 @@ from typing import Any, Callable
 from model import configlib
 from model.cluster import ClusterError, ClusterSpec, WorkerLostError
 
-# Gradients of all variables in one all-reduce instead of one per variable: measured 540 ->
-# 150 ms per step for two CPU workers on one loaded machine (make bench-train numbers in the
-# README); 32 MiB holds the default MLP's 3.4 MB of gradients many times over.
+# Gradients of all variables in one all-reduce instead of one per variable: each collective
+# costs a round trip between workers, which dominates a small model's step. 32 MiB holds the
+# default MLP's 3.4 MB of gradients many times over.
 BYTES_PER_PACK = 32 * 1024 * 1024
 # A dead peer is noticed after this long without heartbeats (TensorFlow's default, stated).
 HEARTBEAT_TIMEOUT_S = 10
