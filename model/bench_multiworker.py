@@ -4,7 +4,7 @@
 
 For each seed, one run of `python -m model.train` alone and one of N worker processes with
 --strategy multiworker on free localhost ports (TF_CONFIG built per worker), both with the
-same flags and so the same global batch. Reports each run's test accuracy, epochs and time,
+same flags and so the same global batch (--one-worker-seeds adds cheap one-worker runs). Reports each run's test accuracy, epochs and time,
 the one-worker runs' seed-to-seed spread, and whether every N-worker accuracy lies within it.
 Writes `artifacts/bench/multiworker.json` (runs under artifacts/bench/multiworker-runs/).
 
@@ -34,6 +34,8 @@ class MultiworkerBenchConfig:
 
     data_dir: Path | None = field(None, "MNIST IDX folder (default: TFDS)")
     seeds: tuple[int, ...] = field((1, 2, 3), "seeds, comma-separated: one run of each kind per seed")
+    one_worker_seeds: tuple[int, ...] = field(
+        (), "more seeds run with one worker only: a wider seed spread at a small cost")
     workers: int = field(2, "worker processes of the multi-worker runs")
     train_args: str = field("", "more flags for python -m model.train (both kinds), e.g. '--epochs 10'")
     runs: Path = field(Path("artifacts/bench/multiworker-runs"), "parent folder of the runs")
@@ -95,22 +97,23 @@ def run_benchmark(config: MultiworkerBenchConfig, log=print) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     env.pop(cluster.TF_CONFIG_ENV, None)
     results: dict[str, list[dict]] = {"1": [], str(config.workers): []}
-    for seed in config.seeds:
-        for count in (config.workers, 1):
-            out = Path(config.runs) / stamp / f"{count}-workers-seed{seed}"
-            if count == 1:
-                commands = [(_train_command(config, seed, out), env, out / "train.log")]
-            else:
-                jobs = {"worker": [f"localhost:{p}" for p in _free_ports(count)]}
-                commands = [([*_train_command(config, seed, out), "--strategy", "multiworker"],
-                             {**env, cluster.TF_CONFIG_ENV: cluster.tf_config_for(jobs, "worker", i)},
-                             out / f"worker-{i}.log") for i in range(count)]
-            log(f"seed {seed}, {count} worker(s): training...")
-            wall = _run(commands)
-            row = {"seed": seed, "wall_seconds": round(wall, 1), **_metrics(out)}
-            log(f"  test accuracy {row['test_accuracy']:.4f} after {row['epochs_run']} epochs, "
-                f"{row['train_seconds']:.0f} s of training, {wall:.0f} s in all")
-            results[str(count)].append(row)
+    plan = [(seed, count) for seed in config.seeds for count in (config.workers, 1)]
+    plan += [(seed, 1) for seed in config.one_worker_seeds if seed not in config.seeds]
+    for seed, count in plan:
+        out = Path(config.runs) / stamp / f"{count}-workers-seed{seed}"
+        if count == 1:
+            commands = [(_train_command(config, seed, out), env, out / "train.log")]
+        else:
+            jobs = {"worker": [f"localhost:{p}" for p in _free_ports(count)]}
+            commands = [([*_train_command(config, seed, out), "--strategy", "multiworker"],
+                         {**env, cluster.TF_CONFIG_ENV: cluster.tf_config_for(jobs, "worker", i)},
+                         out / f"worker-{i}.log") for i in range(count)]
+        log(f"seed {seed}, {count} worker(s): training...")
+        wall = _run(commands)
+        row = {"seed": seed, "wall_seconds": round(wall, 1), **_metrics(out)}
+        log(f"  test accuracy {row['test_accuracy']:.4f} after {row['epochs_run']} epochs, "
+            f"{row['train_seconds']:.0f} s of training, {wall:.0f} s in all")
+        results[str(count)].append(row)
 
     def summary(rows: list[dict]) -> dict:
         accuracies = [r["test_accuracy"] for r in rows]
