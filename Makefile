@@ -106,6 +106,10 @@ bench: ## Every benchmark: bench-train, bench-export, bench-serve, bench-mobile 
 bench-train: setup ## Benchmark training: per-epoch time, samples/s, tf.data throughput, accuracy (JSON)
 	$(PY) -m model.bench $(TRAIN_FLAGS) $(ARGS)
 
+.PHONY: bench-multiworker
+bench-multiworker: setup ## 2 workers (--strategy multiworker, localhost) vs 1, same global batch, per seed: accuracy, time (JSON)
+	$(PY) -m model.bench_multiworker $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
 # ---------------------------------------------------------------------------------------------
 # Test
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@
  4. Evaluate on the test set; write metrics, plots and the model into the run folder, and point
     `<out>/latest` at it.
 
+With --strategy multiworker one process runs per worker (TF_CONFIG: model/cluster.py); they
+train one model with MultiWorkerMirroredStrategy (model/distributed.py), each on its shard of
+the data, and only the chief writes the run folder, which must be on storage they all share.
+
 Run folder `<out>/<run-id>/`: model.keras, config.json, gpu_report.json, history.csv,
 metrics.json, training_curves.png, confusion_matrix.png, tensorboard/.
 """
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
-from model import configlib, contract
+from model import cluster, configlib, contract
 from model.configlib import ConfigError, field
 
 EXIT_INTERRUPTED = 130  # like a shell's exit status after Ctrl-C
@@ -72,6 +76,9 @@ class TrainConfig:
     cpu_devices: int = field(
         1, "split the CPU into N logical devices (lets --strategy mirrored run without GPUs)"
     )
+    cluster_timeout: float = field(
+        120.0, "multiworker: seconds to wait for every worker to join (and answer) before failing"
+    )
     jit_compile: Literal["auto", "on", "off"] = field(
         "auto", "XLA: auto = on with a GPU, off on the CPU (measured slower there: make bench-train)"
     )
@@ -95,6 +102,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.cluster_timeout <= 0:
+            raise ConfigError(f"--cluster-timeout must be > 0 seconds, got {self.cluster_timeout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.patience < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
@@ -114,7 +123,7 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that define what a run computes (used to decide whether to resume)."""
         data = configlib.to_jsonable(self)
-        for key in ("run_name", "resume", "verbose", "require_gpu", "out"):
+        for key in ("run_name", "resume", "verbose", "require_gpu", "out", "cluster_timeout"):
             data.pop(key, None)
         return data
 
@@ -201,9 +210,10 @@ def _callbacks_module():
         than one it saw before the interruption.
         """
 
-        def __init__(self, state_dir: Path, **kwargs):
+        def __init__(self, state_dir: Path, writer: bool = True, **kwargs):
             super().__init__(**kwargs)
             self.state_dir = Path(state_dir)
+            self.writer = writer  # under several workers only the chief writes; all read
 
         @property
         def _state_path(self) -> Path:
@@ -230,6 +240,8 @@ def _callbacks_module():
         def on_epoch_end(self, epoch, logs=None):
             previous_best = self.best
             super().on_epoch_end(epoch, logs)
+            if not self.writer:
+                return
             self.state_dir.mkdir(parents=True, exist_ok=True)
             if self.best_weights is not None and self.best != previous_best:
                 tmp = self._weights_path.with_name(".best.tmp.weights.h5")
@@ -247,27 +259,63 @@ def _callbacks_module():
     return EpochTimer, ResumableEarlyStopping
 
 
-def _make_strategy(config: TrainConfig):
+def _start_workers(config: TrainConfig, spec: cluster.ClusterSpec | None, log):
+    """The tf.distribute strategy and this process's `distributed.Workers`.
+
+    With --strategy multiworker (`spec` parsed from TF_CONFIG), the strategy starts under
+    --cluster-timeout, and the workers check that they share one cluster, the same settings
+    and the same versions (ClusterError otherwise, exit status 2).
+    """
+    from model import distributed
+
+    if spec is None:
+        if os.environ.get(cluster.TF_CONFIG_ENV):
+            log(f"Note: TF_CONFIG is set but --strategy is {config.strategy}: training on this "
+                "machine alone (pass --strategy multiworker to train with the cluster).")
+        strategy = distributed.make_strategy(config.strategy, None, config.cluster_timeout)
+        return strategy, distributed.Workers(None, config.cluster_timeout)
+    log(f"Joining the cluster as {spec.describe()}; waiting up to {config.cluster_timeout:g} s")
+    strategy = distributed.make_strategy("multiworker", spec, config.cluster_timeout)
+    workers = distributed.Workers(spec, config.cluster_timeout)
+    import keras
     import tensorflow as tf
 
-    if config.strategy == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if config.strategy == "multiworker":
-        # Reads the cluster from the TF_CONFIG environment variable (one process per worker).
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()  # the default, no-op strategy
+    # The settings that decide what is computed, flag by flag (the data is compared by its
+    # checksums once loaded: its folder may be mounted at different paths).
+    settings = {f"--{key.replace('_', '-')}": value for key, value in configlib.to_jsonable(
+        config.identity()).items() if key not in ("data_dir", "tfds_dir")}
+    workers.agree("start", {
+        "cluster": spec.cluster_text,
+        "versions": f"tensorflow {tf.__version__}, keras {keras.__version__}",
+        **settings,
+    })
+    return strategy, workers
 
 
-def _is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "task_type", None):
-        return True
-    return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in (resolver.cluster_spec().as_dict() or {})
-    )
+def _prepare_run_dir(config: TrainConfig, workers) -> tuple[Path, bool]:
+    """(run folder, resuming?): the chief resumes `<out>/latest` when it was interrupted with
+    these settings, else makes a new folder, and tells the other workers which one. Only the
+    chief writes; the others check that they see the same folder (the backup they must restore
+    from lives there), so --out must be storage every worker shares at the same path."""
+    if workers.is_chief:
+        run_dir = find_resumable_run(config)
+        resuming = run_dir is not None
+        if run_dir is None:
+            run_dir = _new_run_dir(config)
+            run_dir.mkdir(parents=True)
+            (run_dir / UNFINISHED_MARKER).touch()
+            configlib.save_config(config, run_dir / contract.RUN_CONFIG_FILE)
+            point_latest_at(run_dir)
+        workers.broadcast("run_dir", json.dumps([str(run_dir.resolve()), resuming]))
+        return run_dir, resuming
+    path, resuming = json.loads(workers.broadcast("run_dir"))
+    run_dir = Path(path)
+    if not (run_dir / contract.RUN_CONFIG_FILE).is_file():
+        raise cluster.ClusterError(
+            f"{workers.spec.task_name} cannot see the chief's run folder {run_dir}: --out "
+            f"({config.out}) must be a folder every worker shares at the same path (NFS, a "
+            "ReadWriteMany volume), since every worker restores the run's backup from it")
+    return run_dir, resuming
 
 
 def _split_cpu(count: int) -> None:
@@ -343,10 +391,15 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     """Train, evaluate and write a run folder. Returns its path and metrics.
 
     Raises gpu.NoGpuError (with --require-gpu), data.DataError / idx.IdxError for bad data,
-    and KeyboardInterrupt untouched (the backup stays so that the next run resumes).
+    cluster.ClusterError for a bad TF_CONFIG or a cluster that does not assemble or agree,
+    cluster.WorkerLostError when a worker fails during training, and KeyboardInterrupt
+    untouched (the backup stays so that the next run resumes). Under several workers, only
+    the chief's result has metrics (the others' is empty).
     """
     from model import gpu
 
+    # TF_CONFIG is checked before anything starts: a mistake in it fails in a second.
+    spec = cluster.from_environment() if config.strategy == "multiworker" else None
     # The GPU check runs first: memory growth must be set before TF touches the GPU, and with
     # --require-gpu we stop before reading any data.
     _split_cpu(config.cpu_devices)
@@ -361,8 +414,12 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     import numpy as np
     import tensorflow as tf
 
-    from model import backup, data, evaluate
+    from model import data, evaluate
 
+    # The strategy before the data: a worker that cannot join fails in seconds, and collective
+    # ops are best configured before other TF ops run.
+    strategy, workers = _start_workers(config, spec, log)
+    chief = workers.is_chief
     keras.utils.set_random_seed(config.seed)  # Python, numpy and TF seeds
 
     dataset = data.load_mnist(config.data_dir, config.tfds_dir)
@@ -376,9 +433,8 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
             "WARNING: these IDX files have MNIST's exact sizes but not its checksums: another "
             "dataset in MNIST's format (Fashion-MNIST? KMNIST?) or modified files."
         )
+    workers.agree("data", {"data": _data_fingerprint(dataset)})
 
-    strategy = _make_strategy(config)
-    chief = _is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {replicas} replicas")
@@ -386,33 +442,30 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     if config.strategy != "none" and use_xla and not gpu_report.gpu_usable:
         use_xla = False
 
-    # Run folder: resume an interrupted run with the same settings, else start a new one.
-    run_dir = find_resumable_run(config) if chief else None
-    resuming = run_dir is not None
-    if run_dir is None:
-        run_dir = _new_run_dir(config) if chief else Path(
-            __import__("tempfile").mkdtemp(prefix="mnist-worker-")
-        )
-        run_dir.mkdir(parents=True)
-        (run_dir / UNFINISHED_MARKER).touch()
-        configlib.save_config(config, run_dir / contract.RUN_CONFIG_FILE)
-        if chief:
-            point_latest_at(run_dir)
-    configlib.write_json_atomic(run_dir / contract.RUN_GPU_REPORT_FILE, gpu_report.to_dict())
+    # Run folder: resume an interrupted run with the same settings, else start a new one. Only
+    # the chief writes there; the other workers write nothing that outlives them.
+    run_dir, resuming = _prepare_run_dir(config, workers)
+    if chief:
+        configlib.write_json_atomic(run_dir / contract.RUN_GPU_REPORT_FILE, gpu_report.to_dict())
     backup_dir = run_dir / "backup"
     history_path = run_dir / "history.csv"
 
-    steps_per_epoch = len(train_split) // config.batch_size
+    from model import distributed
+
+    train_ds, steps_per_epoch = distributed.train_input(
+        strategy, workers, train_split, config.batch_size,
+        lambda split, batch_size, seed: data.make_train_dataset(
+            split, batch_size, seed, augment=config.augment,
+            max_rotation_deg=config.max_rotation, max_shift_px=config.max_shift,
+            scale_range=config.max_scale,
+        ),
+        config.seed,
+    )
     if steps_per_epoch < 1:
         raise ConfigError(
             f"--batch-size {config.batch_size} is larger than the {len(train_split)} training images"
         )
-    train_ds = data.make_train_dataset(
-        train_split, config.batch_size, config.seed, augment=config.augment,
-        max_rotation_deg=config.max_rotation, max_shift_px=config.max_shift,
-        scale_range=config.max_scale,
-    )
-    val_ds = data.make_eval_dataset(val_split, 1024)
+    val_ds = distributed.eval_input(strategy, data.make_eval_dataset(val_split, 1024))
 
     steps_per_execution = config.steps_per_execution
     if replicas > 1 and steps_per_execution > 1:
@@ -423,39 +476,60 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     with strategy.scope():
         model = build_compiled_model(config, steps_per_epoch, use_xla, steps_per_execution)
 
-    initial_epoch = 0
-    metadata = backup_dir / "training_metadata.json"
-    if metadata.exists():
-        initial_epoch = int(json.loads(metadata.read_text())["epoch"])
+    # Every worker reads the backup: they must all start from the same epoch and weights.
+    backup = distributed.backup_state(backup_dir)
+    initial_epoch = int(backup["epoch"]) if backup else 0
+    workers.agree("resume", {"resume_after_epoch": initial_epoch})
     if resuming:
         log(f"Resuming {run_dir} after epoch {initial_epoch} (its backup was left by an interrupted run).")
-        _truncate_history(history_path, initial_epoch)
+        if chief:
+            _truncate_history(history_path, initial_epoch)
     log(f"Run folder: {run_dir}")
     log(
         f"Training {model.count_params():,} parameters, batch {config.batch_size} over {replicas} "
-        f"replica(s), XLA {'on' if use_xla else 'off'}, up to {config.epochs} epochs"
+        f"replica(s) on {workers.count} worker(s), XLA {'on' if use_xla else 'off'}, up to "
+        f"{config.epochs} epochs"
     )
 
     EpochTimer, ResumableEarlyStopping = _callbacks_module()
     callbacks = [
         # BackupAndRestore first: its on_train_begin restores the weights and epoch counter that
         # the others then build on.
-        backup.atomic_backup_and_restore(backup_dir),  # never half-written: model/backup.py
+        distributed.backup_and_restore(backup_dir, writer=chief),  # committed by one rename
         EpochTimer(),
         ResumableEarlyStopping(
-            state_dir=backup_dir, monitor="val_accuracy", mode="max", patience=config.patience,
-            restore_best_weights=True, verbose=1,
+            state_dir=backup_dir, writer=chief, monitor="val_accuracy", mode="max",
+            patience=config.patience, restore_best_weights=True, verbose=1,
         ),
-        keras.callbacks.CSVLogger(str(history_path), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
     ]
+    if chief:
+        callbacks += [
+            keras.callbacks.CSVLogger(str(history_path), append=True),
+            keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
+        ]
     verbosity = _progress_verbosity(config.verbose)
     start = time.perf_counter()
-    model.fit(
-        train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-        verbose=verbosity, shuffle=False,  # the pipeline shuffles, reseeded each epoch
-    )
+    try:
+        model.fit(
+            train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+            verbose=verbosity, shuffle=False,  # the pipeline shuffles, reseeded each epoch
+        )
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as err:
+        if workers.spec is None:
+            raise
+        # A peer died: MWMS cannot go on without it (its collectives abort on every worker).
+        raise cluster.WorkerLostError(
+            f"{workers.spec.task_name} lost the cluster during training: "
+            f"{distributed.first_line(err)}. The backup of the last finished epoch is in "
+            f"{backup_dir}: start every worker again with the same command to resume from it."
+        ) from None
     fit_seconds = time.perf_counter() - start
+    if not chief:
+        # The chief evaluates and writes the run folder; wait for it, so that the cluster ends
+        # together (a worker leaving early shows on the chief as a failed peer).
+        workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
+        return RunResult(run_dir=run_dir, metrics={})
 
     history = evaluate.read_history(history_path)
     train_seconds = sum(row.get("epoch_seconds", 0.0) for row in history) or fit_seconds
@@ -463,10 +537,11 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
     early_stopping = callbacks[2]
     best_epoch = int(early_stopping.best_epoch)
 
-    # Final evaluation: the only place the test set is read.
-    test_probs = model.predict(dataset.test.images, batch_size=1024, verbose=0)
+    # Final evaluation: the only place the test set is read (on the chief alone).
+    predictor = distributed.local_model(model, strategy)
+    test_probs = predictor.predict(dataset.test.images, batch_size=1024, verbose=0)
     test = evaluate.classification_metrics(dataset.test.labels, test_probs)
-    val_probs = model.predict(val_split.images, batch_size=1024, verbose=0)
+    val_probs = predictor.predict(val_split.images, batch_size=1024, verbose=0)
     val = evaluate.classification_metrics(val_split.labels, val_probs)
 
     metrics = {
@@ -489,6 +564,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
         "xla": use_xla,
         "steps_per_execution": steps_per_execution,
         "replicas": replicas,
+        "workers": workers.count,
         "device": "GPU" if gpu_report.gpu_usable else "CPU",
         "mixed_precision": gpu_report.mixed_precision,
         "tensorflow_version": tf.__version__,
@@ -497,22 +573,29 @@ def train_and_evaluate(config: TrainConfig, log=print) -> RunResult:
         "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
     }
 
-    if chief:
-        tmp_model = run_dir / f".{contract.RUN_MODEL_FILE}.tmp.keras"
-        model.save(tmp_model)
-        os.replace(tmp_model, run_dir / contract.RUN_MODEL_FILE)
-        evaluate.plot_training_curves(history, run_dir / "training_curves.png", best_epoch)
-        evaluate.plot_confusion_matrix(
-            np.asarray(test["confusion_matrix"]), run_dir / "confusion_matrix.png",
-            contract.LABELS, f"MNIST test set: accuracy {test['accuracy']:.2%}",
-        )
-        # metrics.json last: its presence marks the run complete.
-        configlib.write_json_atomic(run_dir / contract.RUN_METRICS_FILE, metrics)
-        (run_dir / UNFINISHED_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(backup_dir, ignore_errors=True)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    tmp_model = run_dir / f".{contract.RUN_MODEL_FILE}.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, run_dir / contract.RUN_MODEL_FILE)
+    evaluate.plot_training_curves(history, run_dir / "training_curves.png", best_epoch)
+    evaluate.plot_confusion_matrix(
+        np.asarray(test["confusion_matrix"]), run_dir / "confusion_matrix.png",
+        contract.LABELS, f"MNIST test set: accuracy {test['accuracy']:.2%}",
+    )
+    # metrics.json last: its presence marks the run complete.
+    configlib.write_json_atomic(run_dir / contract.RUN_METRICS_FILE, metrics)
+    (run_dir / UNFINISHED_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
     return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def _data_fingerprint(dataset) -> str:
+    """What identifies the data a worker loaded (its files' checksums, or the TFDS version):
+    workers with different data would train one model on two datasets."""
+    source = dataset.source
+    if source.get("kind") == "idx":
+        return json.dumps(source.get("sha256"), sort_keys=True)
+    return f"{source.get('kind')} {source.get('name')} {source.get('version')} {len(dataset.train)}"
 
 
 T = TypeVar("T")
@@ -520,7 +603,9 @@ T = TypeVar("T")
 
 def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
     """(fn(), 0), or (None, exit status) after printing a one-line error for the failures a
-    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), bad data or settings, a
+    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), a bad TF_CONFIG or a cluster
+    that does not assemble (cluster.EXIT_CLUSTER, 2), a worker lost during training
+    (cluster.EXIT_WORKER_LOST, 75: run the same command again), bad data or settings, a
     failed write in the run folder (1; configlib.write_failure names the file and cause).
     Shared by the entry points that train (model.train, model.bench)."""
     from model import data, gpu, idx
@@ -530,6 +615,12 @@ def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
     except gpu.NoGpuError as err:
         print(f"error: {err}", file=sys.stderr)
         return None, gpu.EXIT_NO_GPU
+    except cluster.ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, cluster.EXIT_CLUSTER
+    except cluster.WorkerLostError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, cluster.EXIT_WORKER_LOST
     except (data.DataError, idx.IdxError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None, 1
@@ -560,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     if status:
         return status
+    if not result.metrics:
+        print(f"This worker's part is done; the chief wrote the run folder {result.run_dir}")
+        return 0
     m = result.metrics
     print(
         f"Test accuracy: {m['test_accuracy']:.2%} (loss {m['test_loss']:.4f}) after {m['epochs_run']} "
