@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving import json_tensor as jt
+from serving import protocol
 from serving.config_files import BatchingParameters
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -108,7 +108,7 @@ class BatchQueue:
             self._fill.notify_all()
         for task in pending:
             if task.future.set_running_or_notify_cancel():
-                task.future.set_exception(jt.ApiError("UNAVAILABLE", "the model version was unloaded"))
+                task.future.set_exception(protocol.ApiError("UNAVAILABLE", "the model version was unloaded"))
 
     def submit(self, inputs: dict[str, np.ndarray], rows: int) -> Future:
         """Queue one request's inputs (all with `rows` rows); a Future of its outputs.
@@ -128,13 +128,13 @@ class BatchQueue:
             if error is not None and future.set_running_or_notify_cancel():
                 future.set_exception(error)
 
-    def _enqueue(self, tasks: list[tuple[dict[str, np.ndarray], int, Future]]) -> list[jt.ApiError | None]:
+    def _enqueue(self, tasks: list[tuple[dict[str, np.ndarray], int, Future]]) -> list[protocol.ApiError | None]:
         p = self._params
-        errors: list[jt.ApiError | None] = []
+        errors: list[protocol.ApiError | None] = []
         queued: list[tuple[_Task, ...]] = []
         for inputs, rows, future in tasks:
             if rows > p.max_batch_size and not p.enable_large_batch_splitting:
-                errors.append(jt.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}"))
+                errors.append(protocol.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}"))
                 queued.append(())
                 continue
             errors.append(None)
@@ -153,9 +153,9 @@ class BatchQueue:
                     continue
                 rows = sum(t.rows for t in parts)
                 if self._closed:
-                    errors[i] = jt.ApiError("UNAVAILABLE", "the model version was unloaded")
+                    errors[i] = protocol.ApiError("UNAVAILABLE", "the model version was unloaded")
                 elif -(-(self._pending_rows + rows) // p.max_batch_size) > p.max_enqueued_batches:
-                    errors[i] = jt.ApiError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
+                    errors[i] = protocol.ApiError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
                 else:
                     self._pending.extend(parts)
                     self._pending_rows += rows
@@ -194,10 +194,10 @@ class BatchQueue:
         try:
             try:
                 outputs = self._run(inputs)
-            except jt.ApiError:
+            except protocol.ApiError:
                 raise
             except Exception as err:  # as the workers report it
-                raise jt.ApiError("INTERNAL", f"{type(err).__name__}: {err}") from err
+                raise protocol.ApiError("INTERNAL", f"{type(err).__name__}: {err}") from err
             self._on_batch(rows, rows)
             return outputs
         finally:
@@ -287,7 +287,7 @@ class BatchQueue:
             self._on_batch(rows, padded)
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != padded:
-                    raise jt.invalid(
+                    raise protocol.invalid(
                         f"Batched output tensor '{name}' has 0th dimension "
                         f"{value.shape[0] if value.ndim else 'none'}, expected the batch size {padded}"
                     )
@@ -297,7 +297,7 @@ class BatchQueue:
                 for task in batch:
                     self._process([task])
                 return
-            error = err if isinstance(err, jt.ApiError) else jt.ApiError("INTERNAL", f"{type(err).__name__}: {err}")
+            error = err if isinstance(err, protocol.ApiError) else protocol.ApiError("INTERNAL", f"{type(err).__name__}: {err}")
             batch[0].future.set_exception(error)
             return
         start = 0
@@ -342,10 +342,10 @@ def batch_rows(inputs: dict[str, Any]) -> int:
     sizes = set()
     for array in inputs.values():
         if array.ndim == 0:
-            raise jt.invalid("Batching session Run() input tensors must have at least one dimension")
+            raise protocol.invalid("Batching session Run() input tensors must have at least one dimension")
         sizes.add(array.shape[0])
     if len(sizes) != 1:
-        raise jt.invalid("Batching session Run() input tensors must have equal 0th-dimension size")
+        raise protocol.invalid("Batching session Run() input tensors must have equal 0th-dimension size")
     return sizes.pop()
 
 

@@ -23,8 +23,9 @@ as TF Serving writes them (6 significant digits if that round-trips, else 9 for 
 for float64, a trailing ".0" on whole numbers, NaN/Infinity tokens); DT_STRING outputs whose
 name ends in "_bytes" are written as {"b64": ...}.
 
-Errors are `ApiError`s carrying TF Serving's status code and message text (see
-serving/COMPATIBILITY.md for the table of mirrored behaviours and the tests that pin them).
+Errors are `ApiError`s (serving/protocol.py) carrying TF Serving's status code and message
+text (see serving/COMPATIBILITY.md for the table of mirrored behaviours and the tests that pin
+them).
 """
 
 from __future__ import annotations
@@ -38,110 +39,21 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from serving.protocol import (
+    DT_BOOL, DT_DOUBLE, DT_FLOAT, DT_HALF, DT_INT8, DT_INT16, DT_INT32, DT_INT64, DT_STRING,
+    DT_UINT8, DT_UINT16, DT_UINT32, DT_UINT64, DTYPES, INT64_MAX, ApiError, dtype_string, invalid,
+)
+
 try:  # optional accelerator (the `serve` extra pins it); the json module is the fallback
     import orjson as _orjson
 except ImportError:  # pragma: no cover - exercised where orjson is not installed
     _orjson = None
 
 # --------------------------------------------------------------------------------------------
-# Status codes (tensorflow/core/protobuf/error_codes.proto) and their HTTP mapping
-# (tensorflow_serving/model_servers/http_server.cc ToHTTPStatusCode).
-# --------------------------------------------------------------------------------------------
-CODES = {
-    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
-    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
-    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
-}
-CODE_NAMES = {v: k for k, v in CODES.items()}
-HTTP_STATUS = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400,
-    "DEADLINE_EXCEEDED": 504, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403,
-    "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400,
-    "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
-    "UNAUTHENTICATED": 401,
-}
-
-
-class ApiError(Exception):
-    """A failed request: a TF status code name ("INVALID_ARGUMENT", ...) and its message."""
-
-    def __init__(self, code: str, message: str, http_status: int | None = None):
-        super().__init__(message)
-        if code not in CODES:
-            raise ValueError(f"unknown status code {code!r}")
-        self.code = code
-        self.message = message
-        self._http_status = http_status  # when HTTP has a more precise answer than the mapping
-
-    @property
-    def http_status(self) -> int:
-        return self._http_status or HTTP_STATUS[self.code]
-
-    def __str__(self) -> str:  # absl::Status::ToString()
-        return f"{self.code}: {self.message}"
-
-
-def invalid(*parts: Any) -> ApiError:
-    return ApiError("INVALID_ARGUMENT", "".join(str(p) for p in parts))
-
-
-# --------------------------------------------------------------------------------------------
-# DataType (tensorflow/core/framework/types.proto): enum value -> (DataTypeString, numpy dtype)
-# --------------------------------------------------------------------------------------------
-DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = 1, 2, 3, 4, 5, 6, 7
-DT_INT64, DT_BOOL, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = 9, 10, 17, 19, 22, 23
-
-DTYPES: dict[int, tuple[str, Any]] = {
-    DT_FLOAT: ("float", np.float32),
-    DT_DOUBLE: ("double", np.float64),
-    DT_INT32: ("int32", np.int32),
-    DT_UINT8: ("uint8", np.uint8),
-    DT_INT16: ("int16", np.int16),
-    DT_INT8: ("int8", np.int8),
-    DT_STRING: ("string", object),
-    DT_INT64: ("int64", np.int64),
-    DT_BOOL: ("bool", np.bool_),
-    DT_UINT16: ("uint16", np.uint16),
-    DT_HALF: ("half", np.float16),
-    DT_UINT32: ("uint32", np.uint32),
-    DT_UINT64: ("uint64", np.uint64),
-}
-DTYPE_ENUM_NAMES = {
-    DT_FLOAT: "DT_FLOAT", DT_DOUBLE: "DT_DOUBLE", DT_INT32: "DT_INT32", DT_UINT8: "DT_UINT8",
-    DT_INT16: "DT_INT16", DT_INT8: "DT_INT8", DT_STRING: "DT_STRING", DT_INT64: "DT_INT64",
-    DT_BOOL: "DT_BOOL", DT_UINT16: "DT_UINT16", DT_HALF: "DT_HALF", DT_UINT32: "DT_UINT32",
-    DT_UINT64: "DT_UINT64",
-}
-_NUMPY_TO_DT = {
-    np.dtype(np.float32): DT_FLOAT, np.dtype(np.float64): DT_DOUBLE,
-    np.dtype(np.int32): DT_INT32, np.dtype(np.uint8): DT_UINT8, np.dtype(np.int16): DT_INT16,
-    np.dtype(np.int8): DT_INT8, np.dtype(np.int64): DT_INT64, np.dtype(np.bool_): DT_BOOL,
-    np.dtype(np.uint16): DT_UINT16, np.dtype(np.float16): DT_HALF,
-    np.dtype(np.uint32): DT_UINT32, np.dtype(np.uint64): DT_UINT64,
-}
-
-
-def dtype_string(dt: int) -> str:
-    """DataTypeString(dt): 'uint8', 'float', ... ('unknown dtype enum N' when unsupported)."""
-    return DTYPES[dt][0] if dt in DTYPES else f"unknown dtype enum {dt}"
-
-
-def dtype_of_array(array: np.ndarray) -> int:
-    """The DataType enum value of a numpy array (object / bytes / str arrays -> DT_STRING)."""
-    if array.dtype == object or array.dtype.kind in "SU":
-        return DT_STRING
-    try:
-        return _NUMPY_TO_DT[array.dtype]
-    except KeyError:
-        raise invalid(f"numpy dtype {array.dtype} has no TensorFlow Serving equivalent") from None
-
-
-# --------------------------------------------------------------------------------------------
 # JSON values, as rapidjson types them
 # --------------------------------------------------------------------------------------------
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN = -(2**63)
 UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 FLT_MAX = float(np.finfo(np.float32).max)
 DBL_MAX = float(np.finfo(np.float64).max)

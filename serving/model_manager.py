@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from serving import json_tensor as jt
+from serving import protocol
 from serving import tensor_proto
 from serving.config_files import ModelSpecConfig, VersionPolicy
 
@@ -67,13 +67,13 @@ class VersionState:
     error_message: str = ""
 
 
-def _tf_error(err: BaseException) -> jt.ApiError:
+def _tf_error(err: BaseException) -> protocol.ApiError:
     """A TensorFlow exception as an ApiError with the same code and message."""
     code = getattr(err, "error_code", None)
     message = getattr(err, "message", None) or str(err)
-    if isinstance(code, int) and code in jt.CODE_NAMES:
-        return jt.ApiError(jt.CODE_NAMES[code], message)
-    return jt.ApiError("UNKNOWN", f"{type(err).__name__}: {message}")
+    if isinstance(code, int) and code in protocol.CODE_NAMES:
+        return protocol.ApiError(protocol.CODE_NAMES[code], message)
+    return protocol.ApiError("UNKNOWN", f"{type(err).__name__}: {message}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class Servable:
     def retain(self) -> None:
         with self._lock:
             if self._closed:
-                raise jt.ApiError("UNAVAILABLE", f"version {self.version} of model {self.name} was unloaded")
+                raise protocol.ApiError("UNAVAILABLE", f"version {self.version} of model {self.name} was unloaded")
             self._inflight += 1
 
     def release(self) -> None:
@@ -154,7 +154,7 @@ class Servable:
             return dtypes
         key = signature_name or "serving_default"
         if key not in self.signatures:
-            raise jt.invalid(f'Serving signature name: "{key}" not found in signature def')
+            raise protocol.invalid(f'Serving signature name: "{key}" not found in signature def')
         dtypes = {alias: int(info.dtype) for alias, info in self.signatures[key].inputs.items()}
         if len(self._input_dtypes) < _MAX_CACHED:
             self._input_dtypes[signature_name] = dtypes
@@ -184,10 +184,10 @@ class Servable:
         key = signature_name or "serving_default"
         signature = self.signatures.get(key)
         if signature is None:
-            raise jt.ApiError("FAILED_PRECONDITION", f'Serving signature key "{key}" not found.')
+            raise protocol.ApiError("FAILED_PRECONDITION", f'Serving signature key "{key}" not found.')
         expected, sent = set(signature.inputs), set(inputs)
         if len(sent) != len(expected):
-            raise jt.invalid(
+            raise protocol.invalid(
                 f"input size does not match signature: {len(sent)}!={len(expected)} "
                 f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
                 f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
@@ -197,25 +197,25 @@ class Servable:
         for index, alias in enumerate(aliases):
             info = signature.inputs.get(alias)
             if info is None:
-                raise jt.invalid(
+                raise protocol.invalid(
                     f"input tensor alias not found in signature: {alias}. Inputs expected to be "
                     f"in the set {{{','.join(sorted(expected))}}}."
                 )
-            got = jt.dtype_of_array(inputs[alias])
+            got = protocol.dtype_of_array(inputs[alias])
             if got != int(info.dtype):
-                raise jt.invalid(
-                    f"Expects arg[{index}] to be {jt.dtype_string(int(info.dtype))} but "
-                    f"{jt.dtype_string(got)} is provided"
+                raise protocol.invalid(
+                    f"Expects arg[{index}] to be {protocol.dtype_string(int(info.dtype))} but "
+                    f"{protocol.dtype_string(got)} is provided"
                 )
         outputs: list[str] = []
         for alias in output_filter:
             if alias not in signature.outputs:
-                raise jt.invalid(
+                raise protocol.invalid(
                     f"output tensor alias not found in signature: {alias} Outputs expected to be "
                     f"in the set {{{','.join(sorted(signature.outputs))}}}."
                 )
             if alias in outputs:
-                raise jt.invalid(f"duplicate output tensor alias: {alias}")
+                raise protocol.invalid(f"duplicate output tensor alias: {alias}")
             outputs.append(alias)
         if not outputs:
             outputs = sorted(signature.outputs)
@@ -236,7 +236,7 @@ class Servable:
         args = [inputs[a] for a in aliases]
         try:
             values = fn(*args)
-        except jt.ApiError:
+        except protocol.ApiError:
             raise
         except Exception as err:  # tf.errors.OpError and friends
             raise _tf_error(err) from None
@@ -276,7 +276,7 @@ class Servable:
 
         records = read_warmup(path)
         if len(records) > MAX_WARMUP_RECORDS:
-            raise jt.invalid(
+            raise protocol.invalid(
                 f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}"
             )
         ran = 0
@@ -339,7 +339,7 @@ def numeric_versions(base_path: Path) -> list[int]:
     for entry in entries:
         if entry.name.isdigit() and entry.is_dir():
             number = int(entry.name)
-            if number <= jt.INT64_MAX:
+            if number <= protocol.INT64_MAX:
                 versions.append(number)
     return sorted(set(versions))
 
@@ -394,7 +394,7 @@ class ModelManager:
                     allowed = False
                 state = model.states.get(version)
                 if not allowed and (state is None or state.state != AVAILABLE):
-                    raise jt.ApiError(
+                    raise protocol.ApiError(
                         "FAILED_PRECONDITION",
                         f"Request to assign label to version {version} of model {name}, "
                         f"which is not currently available for inference",
@@ -477,7 +477,7 @@ class ModelManager:
             try:
                 servable = self._loader(name, version, path, self.options)
             except Exception as err:
-                error = err if isinstance(err, jt.ApiError) else _tf_error(err)
+                error = err if isinstance(err, protocol.ApiError) else _tf_error(err)
                 self._on_event("load", model=name, version=version, ok=False,
                                seconds=time.monotonic() - started, error=str(error))
                 log.error("model %s version %d: load attempt %d/%d failed: %s",
@@ -492,7 +492,7 @@ class ModelManager:
                 warmed = servable.warm_up(self.options.num_request_iterations_for_warmup) \
                     if self.options.enable_model_warmup else 0
             except Exception as err:
-                error = err if isinstance(err, jt.ApiError) else _tf_error(err)
+                error = err if isinstance(err, protocol.ApiError) else _tf_error(err)
                 servable.close_when_idle()
                 log.error("model %s version %d: warm-up failed: %s", name, version, error)
                 with self._lock:
@@ -534,25 +534,25 @@ class ModelManager:
         INVALID_ARGUMENT for an unknown label.
         """
         if not name:
-            raise jt.invalid("ModelSpec has no name specified.")
+            raise protocol.invalid("ModelSpec has no name specified.")
         with self._lock:
             model = self._models.get(name)
             if label is not None:
                 labels = model.labels if model is not None else {}
                 if labels is None:
-                    raise jt.ApiError("UNAVAILABLE", f"Model labels does not init yet.{label}")
+                    raise protocol.ApiError("UNAVAILABLE", f"Model labels does not init yet.{label}")
                 if label not in labels:
-                    raise jt.invalid(f"Unrecognized servable version label: {label}")
+                    raise protocol.invalid(f"Unrecognized servable version label: {label}")
                 version = labels[label]
             serving = model.serving if model is not None else {}
             if version is None:
                 if not serving:
-                    raise jt.ApiError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+                    raise protocol.ApiError("NOT_FOUND", f"Servable not found for request: Latest({name})")
                 servable = serving[max(serving)]
             else:
                 servable = serving.get(version)
                 if servable is None:
-                    raise jt.ApiError("NOT_FOUND", f"Servable not found for request: Specific({name}, {version})")
+                    raise protocol.ApiError("NOT_FOUND", f"Servable not found for request: Specific({name}, {version})")
             return Lease(servable)
 
     def status(self, name: str, version: int | None = None) -> list[VersionState]:
@@ -562,10 +562,10 @@ class ModelManager:
             states = dict(model.states) if model is not None else {}
         if version is not None:
             if version not in states:
-                raise jt.ApiError("NOT_FOUND", f"Could not find version {version} of model {name}")
+                raise protocol.ApiError("NOT_FOUND", f"Could not find version {version} of model {name}")
             return [VersionState(**vars(states[version]))]
         if not states:
-            raise jt.ApiError("NOT_FOUND", f"Could not find any versions of model {name}")
+            raise protocol.ApiError("NOT_FOUND", f"Could not find any versions of model {name}")
         return [VersionState(**vars(states[v])) for v in sorted(states, reverse=True)]
 
     def serving_versions(self, name: str) -> list[int]:

@@ -16,13 +16,14 @@ import pytest
 
 from serving import batching, config_files
 from serving import json_tensor as jt
+from serving import protocol as pr
 from serving import tensor_proto
 from serving.client import (
     InputError, RetryPolicy, ServerFailure, TensorSpec, check_tensor, with_retries,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_INFO = {"image": jt.DT_UINT8}
+IMAGE_INFO = {"image": pr.DT_UINT8}
 
 
 def fill(doc, infos=IMAGE_INFO, may_have_bools=True):
@@ -46,15 +47,15 @@ def test_row_and_columnar_give_the_same_batched_tensor():
 
 def test_fast_numeric_path_agrees_with_tf_serving_walk():
     rng = np.random.default_rng(1)
-    for dt, values in ((jt.DT_UINT8, rng.integers(-5, 300, (4, 3, 2))),
-                       (jt.DT_FLOAT, rng.normal(size=(5, 2))), (jt.DT_INT64, rng.integers(-9, 9, (6,)))):
+    for dt, values in ((pr.DT_UINT8, rng.integers(-5, 300, (4, 3, 2))),
+                       (pr.DT_FLOAT, rng.normal(size=(5, 2))), (pr.DT_INT64, rng.integers(-9, 9, (6,)))):
         infos = {"x": dt}
         fast = fill({"inputs": values.tolist()}, infos, may_have_bools=False).tensors["x"]
         # Forcing the slow walk: a bool-free body that we claim may hold bools still must
         # not change the result, and the element-by-element walk must agree.
         walked = jt._to_array(*_walk(values.tolist(), dt))
         np.testing.assert_array_equal(fast, walked)
-        assert fast.dtype == walked.dtype == jt.DTYPES[dt][1]
+        assert fast.dtype == walked.dtype == pr.DTYPES[dt][1]
 
 
 def _walk(value, dt):
@@ -72,15 +73,15 @@ def test_uint8_values_are_narrowed_like_tf_serving():
 
 
 @pytest.mark.parametrize("doc, infos, message", [
-    ({"instances": [[1, 2], [3]]}, {"x": jt.DT_INT32},
+    ({"instances": [[1, 2], [3]]}, {"x": pr.DT_INT32},
      "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: Expecting tensor size: 2 but got: 1"),
-    ({"instances": [[1, 2], [[3], [4]]]}, {"x": jt.DT_INT32}, "Expecting shape [2] but got: [2,1]"),
+    ({"instances": [[1, 2], [[3], [4]]]}, {"x": pr.DT_INT32}, "Expecting shape [2] but got: [2,1]"),
     ({"instances": [[0.5]]}, IMAGE_INFO, "JSON Value: 0.5 Type: Number is not of expected type: uint8"),
     ({"instances": [[True]]}, IMAGE_INFO, "JSON Value: true Type: True is not of expected type: uint8"),
     ({"inputs": [[1, True]]}, IMAGE_INFO, "Type: True is not of expected type: uint8"),
     ({"instances": [["7"]]}, IMAGE_INFO, 'JSON Value: "7" Type: String is not of expected type: uint8'),
-    ({"instances": [[2**31]]}, {"x": jt.DT_INT32}, "is not of expected type: int32"),
-    ({"inputs": [16777217]}, {"x": jt.DT_FLOAT},
+    ({"instances": [[2**31]]}, {"x": pr.DT_INT32}, "is not of expected type: int32"),
+    ({"inputs": [16777217]}, {"x": pr.DT_FLOAT},
      "Cannot convert JSON value: 16777217 to float without loss of precision."),
     ({"inputs": {"wrong": [1]}}, IMAGE_INFO, "Missing named input: image in 'inputs' object."),
     ({"instances": [{"wrong": [1]}]}, IMAGE_INFO,
@@ -92,15 +93,15 @@ def test_uint8_values_are_narrowed_like_tf_serving():
      "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"),
     ({"signature_name": "serving_default"}, IMAGE_INFO, "Missing 'inputs' or 'instances' key"),
     ({"signature_name": 5, "instances": [1]}, IMAGE_INFO, "'signature_name' key must be a string value."),
-    ({"instances": [{"b64": "!!!"}]}, {"image_bytes": jt.DT_STRING}, "Unable to base64 decode"),
+    ({"instances": [{"b64": "!!!"}]}, {"image_bytes": pr.DT_STRING}, "Unable to base64 decode"),
     ({"instances": [{"b64": "aGk="}]}, IMAGE_INFO, "Type: Object is not of expected type: uint8"),
-    ({"inputs": [[1, [2]]]}, {"x": jt.DT_INT32}, "Encountered list at unexpected level: 2 expected < 2"),
-    ({"inputs": [[[1], 2]]}, {"x": jt.DT_INT32}, "found at incorrect level: 3 in the JSON DOM. Expected at level: 3"),
-    ({"instances": [1, 2]}, {"a": jt.DT_INT32, "b": jt.DT_INT32},
+    ({"inputs": [[1, [2]]]}, {"x": pr.DT_INT32}, "Encountered list at unexpected level: 2 expected < 2"),
+    ({"inputs": [[[1], 2]]}, {"x": pr.DT_INT32}, "found at incorrect level: 3 in the JSON DOM. Expected at level: 3"),
+    ({"instances": [1, 2]}, {"a": pr.DT_INT32, "b": pr.DT_INT32},
      "instances is a plain list, but expecting list of objects as multiple input tensors"),
 ])
 def test_bad_requests_fail_with_tf_serving_messages(doc, infos, message):
-    with pytest.raises(jt.ApiError) as err:
+    with pytest.raises(pr.ApiError) as err:
         fill(doc, infos)
     assert err.value.code == "INVALID_ARGUMENT"
     assert err.value.http_status == 400
@@ -113,7 +114,7 @@ def test_bad_requests_fail_with_tf_serving_messages(doc, infos, message):
     (b"[1, 2]", "Is not object"),
 ])
 def test_unparsable_bodies(body, message):
-    with pytest.raises(jt.ApiError) as err:
+    with pytest.raises(pr.ApiError) as err:
         jt.parse_json(body)
     assert message in err.value.message and err.value.http_status == 400
 
@@ -127,33 +128,33 @@ def test_json_parsing_with_and_without_orjson(monkeypatch, use_orjson):
     body = '{"instances": [[1, 2.5, -3, 18446744073709551616]], "signature_name": "s", "x": "\u00e9"}'.encode()
     assert jt.parse_json(body) == json.loads(body)
     assert np.isnan(jt.parse_json(b'{"inputs": [NaN]}')["inputs"][0])
-    with pytest.raises(jt.ApiError, match="JSON Parse error"):
+    with pytest.raises(pr.ApiError, match="JSON Parse error"):
         jt.parse_json(b'{"a": ')
-    with pytest.raises(jt.ApiError, match="Is not object"):
+    with pytest.raises(pr.ApiError, match="Is not object"):
         jt.parse_json(b"[1]")
 
 
 def test_absurdly_nested_values_are_refused_not_crashed_on():
     deep = json.loads("[" * 40 + "1" + "]" * 40)
     for doc in ({"inputs": deep}, {"instances": deep}):
-        with pytest.raises(jt.ApiError, match="nests more than 32 levels"):
-            fill(doc, {"x": jt.DT_INT32})
-    with pytest.raises(jt.ApiError, match="nests too deeply"):
+        with pytest.raises(pr.ApiError, match="nests more than 32 levels"):
+            fill(doc, {"x": pr.DT_INT32})
+    with pytest.raises(pr.ApiError, match="nests too deeply"):
         jt.parse_json(b'{"inputs": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}")
 
 
 def test_b64_strings_decode_with_or_without_padding():
     payload = b"\x89PNG\r\n\x1a\nnot really"
     padded = base64.b64encode(payload).decode()
-    parsed = fill({"instances": [{"b64": padded}, {"b64": padded.rstrip("=")}]}, {"image_bytes": jt.DT_STRING})
+    parsed = fill({"instances": [{"b64": padded}, {"b64": padded.rstrip("=")}]}, {"image_bytes": pr.DT_STRING})
     assert list(parsed.tensors["image_bytes"]) == [payload, payload]
-    plain = fill({"inputs": ["abc"]}, {"s": jt.DT_STRING}).tensors["s"]
+    plain = fill({"inputs": ["abc"]}, {"s": pr.DT_STRING}).tensors["s"]
     assert list(plain) == [b"abc"]
 
 
 def test_nan_and_infinity_tokens_are_floats():
     doc = jt.parse_json(b'{"inputs": [NaN, Infinity, -Infinity, 1]}')
-    x = fill(doc, {"x": jt.DT_FLOAT}).tensors["x"]
+    x = fill(doc, {"x": pr.DT_FLOAT}).tensors["x"]
     assert np.isnan(x[0]) and np.isposinf(x[1]) and np.isneginf(x[2]) and x[3] == 1.0
 
 
@@ -185,9 +186,9 @@ def test_response_layouts_row_and_columnar():
 
 
 def test_row_responses_need_consistent_batches():
-    with pytest.raises(jt.ApiError, match="inconsistent batch size"):
+    with pytest.raises(pr.ApiError, match="inconsistent batch size"):
         jt.make_json_from_tensors({"a": np.zeros(2), "b": np.zeros(3)}, jt.ROW)
-    with pytest.raises(jt.ApiError, match="has no shape information"):
+    with pytest.raises(pr.ApiError, match="has no shape information"):
         jt.make_json_from_tensors({"a": np.float32(1)}, jt.ROW)
 
 
@@ -213,13 +214,13 @@ def test_tensor_protos_match_tensorflow_packing():
 def test_short_typed_fields_fill_like_tensorflow():
     from tensorflow.core.framework import tensor_pb2
 
-    proto = tensor_pb2.TensorProto(dtype=jt.DT_FLOAT, float_val=[1.0, 2.0])
+    proto = tensor_pb2.TensorProto(dtype=pr.DT_FLOAT, float_val=[1.0, 2.0])
     proto.tensor_shape.dim.add(size=4)
     np.testing.assert_array_equal(tensor_proto.to_ndarray(proto), [1, 2, 2, 2])
-    empty = tensor_pb2.TensorProto(dtype=jt.DT_INT32)
+    empty = tensor_pb2.TensorProto(dtype=pr.DT_INT32)
     empty.tensor_shape.dim.add(size=3)
     np.testing.assert_array_equal(tensor_proto.to_ndarray(empty), [0, 0, 0])
-    bad = tensor_pb2.TensorProto(dtype=jt.DT_UINT8, tensor_content=b"\x00" * 5)
+    bad = tensor_pb2.TensorProto(dtype=pr.DT_UINT8, tensor_content=b"\x00" * 5)
     bad.tensor_shape.dim.add(size=4)
     with pytest.raises(tensor_proto.TensorProtoError, match="5 bytes"):
         tensor_proto.to_ndarray(bad)
@@ -326,7 +327,7 @@ def test_a_failing_task_fails_alone():
         assert first.result(5)["y"].tolist() == [1]
         assert futures[0].result(5)["y"].tolist() == [2]
         assert futures[2].result(5)["y"].tolist() == [3]
-        with pytest.raises(jt.ApiError, match="negative pixel"):
+        with pytest.raises(pr.ApiError, match="negative pixel"):
             futures[1].result(5)
         assert sizes == [1, 3, 1, 1, 1]  # the batch of three failed, then each ran alone
     finally:
@@ -399,7 +400,7 @@ def test_a_second_worker_joins_a_running_batch_only_for_enough_rows(parallel_min
 def test_large_tasks_are_refused_or_split():
     queue = batching.BatchQueue(lambda i: {"y": i["x"] * 3}, _params(max_batch_size=4))
     try:
-        with pytest.raises(jt.ApiError, match="Task size 9 is larger than maximum input batch size 4"):
+        with pytest.raises(pr.ApiError, match="Task size 9 is larger than maximum input batch size 4"):
             queue.submit({"x": np.arange(9)}, 9)
     finally:
         queue.close()
@@ -418,7 +419,7 @@ def test_a_full_queue_answers_unavailable():
         queue.submit({"x": np.zeros(2)}, 2)  # taken by the worker, which then blocks
         time.sleep(0.1)
         queue.submit({"x": np.zeros(2)}, 2)  # one batch waiting: the limit
-        with pytest.raises(jt.ApiError) as err:
+        with pytest.raises(pr.ApiError) as err:
             queue.submit({"x": np.zeros(1)}, 1)
         assert err.value.code == "UNAVAILABLE" and err.value.http_status == 503
     finally:
@@ -428,9 +429,9 @@ def test_a_full_queue_answers_unavailable():
 
 def test_batch_rows_checks_the_0th_dimension():
     assert batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(3)}) == 3
-    with pytest.raises(jt.ApiError, match="equal 0th-dimension"):
+    with pytest.raises(pr.ApiError, match="equal 0th-dimension"):
         batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(2)})
-    with pytest.raises(jt.ApiError, match="at least one dimension"):
+    with pytest.raises(pr.ApiError, match="at least one dimension"):
         batching.batch_rows({"a": np.float32(1)})
 
 
@@ -447,7 +448,7 @@ class FakeServable(mm.Servable):
 
     def __init__(self, name, version, path, options):
         if (Path(path) / "BROKEN").exists():
-            raise jt.ApiError("DATA_LOSS", f"cannot read {path}/saved_model.pb")
+            raise pr.ApiError("DATA_LOSS", f"cannot read {path}/saved_model.pb")
         self.name, self.version, self.path = name, version, Path(path)
         self.signatures = {}
         self._lock = threading.Lock()
@@ -532,17 +533,17 @@ def test_requests_for_unknown_things(tmp_path):
         (dict(name="other"), "NOT_FOUND", "Servable not found for request: Latest(other)"),
     ]
     for kwargs, code, message in cases:
-        with pytest.raises(jt.ApiError) as err:
+        with pytest.raises(pr.ApiError) as err:
             manager.acquire(**kwargs)
         assert (err.value.code, err.value.message) == (code, message)
-    with pytest.raises(jt.ApiError, match="Could not find version 9 of model m"):
+    with pytest.raises(pr.ApiError, match="Could not find version 9 of model m"):
         manager.status("m", 9)
-    with pytest.raises(jt.ApiError, match="Could not find any versions of model other"):
+    with pytest.raises(pr.ApiError, match="Could not find any versions of model other"):
         manager.status("other")
 
 
 def test_labels_need_the_flag_before_versions_load(tmp_path):
-    with pytest.raises(jt.ApiError) as err:
+    with pytest.raises(pr.ApiError) as err:
         _manager(tmp_path, labels={"stable": 1}, allow=False)
     assert err.value.code == "FAILED_PRECONDITION"
     assert "Request to assign label to version 1 of model m, which is not currently available" in err.value.message
@@ -613,21 +614,21 @@ def test_docker_check_parses_versions():
 
 def test_server_flags_accept_tf_serving_spelling():
     from model import configlib
-    from serving.server import ServeConfig, _normalise_flags
+    from serving.settings import ServeConfig, normalise_flags
 
-    argv = _normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
+    argv = normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
     config = configlib.parse_config(ServeConfig, argv)
     assert (config.rest_api_port, config.enable_batching, config.model_config_file) == (9000, False, None)
 
 
 # --- when a request may run on the event loop ------------------------------------------------
 def test_only_small_numeric_requests_arriving_alone_run_on_the_event_loop():
-    from serving import server
+    from serving import core as server
 
     one = {"image": np.zeros((1, 28, 28), np.uint8)}
-    assert server._cheap(one)
-    assert not server._cheap({"image_bytes": np.array([b"png..."], dtype=object)})  # decoding: slow
-    assert not server._cheap({"image": np.zeros((64, 28, 28), np.uint8)})  # too many rows
+    assert server.cheap(one)
+    assert not server.cheap({"image_bytes": np.array([b"png..."], dtype=object)})  # decoding: slow
+    assert not server.cheap({"image": np.zeros((64, 28, 28), np.uint8)})  # too many rows
 
     core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None)
     with core.arrival():
@@ -646,7 +647,7 @@ def test_requests_run_on_the_event_loop_only_after_a_quiet_period_without_compan
     # machine, a long gap behind it: it must not run on the loop just after a crowd.
     import types
 
-    from serving import server
+    from serving import core as server
 
     clock = types.SimpleNamespace(now=100.0)
     monkeypatch.setattr(server, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
@@ -670,7 +671,7 @@ def test_requests_run_on_the_event_loop_only_after_a_quiet_period_without_compan
 def test_grpc_requests_are_gathered_only_while_others_are_in_flight():
     import asyncio
 
-    from serving import server
+    from serving import core as server
 
     core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None, gather_wait=0.001)
 
@@ -688,7 +689,7 @@ def test_grpc_requests_are_gathered_only_while_others_are_in_flight():
 
 
 def test_server_flags_out_of_range_are_refused():
-    from serving import server
+    from serving import settings as server
 
     for flag in ("batch_arrival_wait_ms", "grpc_batch_gather_ms"):
         config = server.ServeConfig(**{flag: -1.0})
@@ -759,3 +760,18 @@ def test_histogram_totals_add_up_every_series_of_a_rendered_page():
     metrics.observe(PADDING_SIZE, 7, BATCH_BUCKETS, model_name="mnist")
     assert histogram_totals(metrics.render(), PROCESSED_BATCH_SIZE) == (40.0, 3.0)
     assert histogram_totals(metrics.render(), PADDING_SIZE) == (7.0, 1.0)
+
+
+def test_clients_import_no_server_code():
+    """The clients share serving/protocol.py with the server, and nothing else of it: the
+    gRPC client does not drag in the REST parser, and neither client the server."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport serving.client, serving.grpc_client, serving.query\n"
+            "server_side = sorted(m for m in sys.modules if m in ('serving.json_tensor', 'serving.server', "
+            "'serving.core', 'serving.rest', 'serving.grpc_api', 'serving.batching', 'serving.model_manager'))\n"
+            "print(server_side)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
