@@ -38,6 +38,28 @@ class TensorProtoError(ValueError):
     """The proto does not describe a valid tensor (TF's FromProto would fail)."""
 
 
+class TensorTooLarge(TensorProtoError):
+    """The tensor would take more memory than the caller allows once decoded (`nbytes`)."""
+
+    def __init__(self, nbytes: int, limit: int):
+        super().__init__(f"decodes to {nbytes} bytes, more than the limit of {limit}")
+        self.nbytes, self.limit = nbytes, limit
+
+
+def decoded_bytes(proto: Any) -> int:
+    """The memory a TensorProto's values take once decoded, from its shape alone: elements x
+    itemsize, or for strings 8 bytes (a pointer) per element plus the bytes of the values
+    given (the padding repeats the last one without copying it). A 60-byte proto can declare
+    a tensor of gigabytes: TF fills every element with the last value given."""
+    dt = int(proto.dtype)
+    count = math.prod(shape_of(proto))
+    if dt == protocol.DT_STRING:
+        return 8 * count + sum(len(v) for v in proto.string_val)
+    if dt not in _LITTLE:
+        raise TensorProtoError(f"unsupported dtype {protocol.dtype_string(dt)}")
+    return count * _LITTLE[dt].itemsize
+
+
 def shape_of(proto: Any) -> tuple[int, ...]:
     shape = proto.tensor_shape
     if shape.unknown_rank:
@@ -48,12 +70,20 @@ def shape_of(proto: Any) -> tuple[int, ...]:
     return dims
 
 
-def to_ndarray(proto: Any) -> np.ndarray:
-    """A TensorProto's values as a numpy array (bytes objects for DT_STRING)."""
+def to_ndarray(proto: Any, max_bytes: int | None = None) -> np.ndarray:
+    """A TensorProto's values as a numpy array (bytes objects for DT_STRING).
+
+    Raises TensorProtoError for a proto TF's Tensor::FromProto refuses, and TensorTooLarge,
+    before allocating anything, when its decoded size exceeds `max_bytes`.
+    """
     dt = int(proto.dtype)
     if dt not in protocol.DTYPES:
         raise TensorProtoError(f"unsupported dtype {protocol.dtype_string(dt)}")
     shape = shape_of(proto)
+    if max_bytes is not None:
+        size = decoded_bytes(proto)
+        if size > max_bytes:
+            raise TensorTooLarge(size, max_bytes)
     count = math.prod(shape)
     np_dtype = protocol.DTYPES[dt][1]
     if dt == protocol.DT_STRING:
