@@ -12,12 +12,13 @@ ServingCore runs on the event loop; model runs happen in batch workers or the ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -66,6 +67,56 @@ class ServingCore:
         self.arrival_gap = 0.01
         self._last_arrival = 0.0
         self._last_crowded = -math.inf  # when two or more requests were last in flight together
+        # Calls of either API being handled (on the loop): what shutdown waits for.
+        self.calls = 0
+        self._calls_done: asyncio.Event | None = None
+        # Set on SIGTERM: calls that come in now are refused UNAVAILABLE, so clients retry
+        # elsewhere, while the ones already accepted finish.
+        self.draining = False
+        self.last_call = time.monotonic()  # when the last call (accepted or refused) came in
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """`with core.call():` around the handling of one REST or gRPC call (on the loop).
+
+        Raises ApiError UNAVAILABLE once the server is draining (SIGTERM)."""
+        self.last_call = time.monotonic()
+        if self.draining:
+            raise pr.ApiError("UNAVAILABLE", "Server is shutting down: no new requests are accepted")
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.calls -= 1
+            if self.calls == 0 and self._calls_done is not None:
+                self._calls_done.set()
+
+    def abandon_waiting(self) -> int:
+        """Shutdown after the grace period: every request still waiting for a model run is
+        answered UNAVAILABLE now (clients retry elsewhere); the runs are stopped apart."""
+        error = pr.ApiError("UNAVAILABLE", "Server is shutting down: the request did not finish "
+                                           "within the shutdown grace period")
+        return sum(handoff.abandon(error) for handoff in self._handoffs.values())
+
+    async def calls_finished(self, timeout: float, quiet: float = 0.0) -> bool:
+        """Wait (at most `timeout` s) until no call is being handled and none has come in
+        for `quiet` s; True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.calls:
+                self._calls_done = asyncio.Event()
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        await self._calls_done.wait()
+                except TimeoutError:
+                    return self.calls == 0
+            left = quiet - (time.monotonic() - self.last_call)
+            if left <= 0:
+                return True
+            if time.monotonic() + left > deadline:
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return self.calls == 0
+            await asyncio.sleep(left)
 
     def arrival(self) -> "_Arrival":
         """`with core.arrival() as a:` around a predict request, from its acceptance until
@@ -85,7 +136,7 @@ class ServingCore:
 
     async def predict(self, servable: Any, signature_name: str, inputs: dict[str, np.ndarray],
                       output_filter: Sequence[str] = (), arrival: "_Arrival | None" = None,
-                      gather: bool = False) -> tuple[str, dict[str, np.ndarray]]:
+                      gather: bool = False, deadline: float | None = None) -> tuple[str, dict[str, np.ndarray]]:
         """Validate like TF Serving's Predict, run the model (batched or not), and return
         (resolved signature name, {output alias: array}). On the event loop.
 
@@ -96,26 +147,28 @@ class ServingCore:
         handlers one call per loop iteration, so without this gRPC batches stay at 1-2 rows
         under load (REST requests, read many per iteration, batch by themselves). Measured
         at 32 single-image clients: 2.2 -> 4.4 rows per model run and about 30% more gRPC
-        predictions/s. A small numeric request (_cheap) arriving alone (_lone_request), with
+        predictions/s. A small numeric request (cheap) arriving alone (_lone_request), with
         its queue idle, runs right here instead: for a small model, less time than the two
         thread hand-offs it saves. Anything else leaves the loop free to read requests (so
-        that they batch) and to act on signals. Cancelling the call (a deadline) cancels a
-        run that has not started.
+        that they batch) and to act on signals. Cancelling the call cancels a run that has
+        not started; `deadline` (time.monotonic()) drops the request if it is still queued
+        then, and goes into the run (RunOptions.timeout_in_ms), which TensorFlow stops there.
         """
         signature, run, queue, rows = self._route(servable, signature_name, inputs, output_filter)
         if arrival is not None:
             arrival.queued()
         handoff = self.loop_handoff(gather)
         if queue is None:
-            return signature, await handoff.result(self.executor.submit(run, inputs))
+            left = None if deadline is None else deadline - time.monotonic()
+            return signature, await handoff.result(self.executor.submit(run, inputs, left))
         if self._lone_request() and cheap(inputs):
             # Handlers run one at a time: let those of requests read in this same loop
             # iteration start (and count as in flight) before judging this one alone.
             await asyncio.sleep(0)
-            outputs = queue.run_inline_if_idle(inputs, rows) if self._lone_request() else None
+            outputs = queue.run_inline_if_idle(inputs, rows, deadline) if self._lone_request() else None
             if outputs is not None:
                 return signature, outputs
-        return signature, await handoff.result(handoff.submit(queue, inputs, rows))
+        return signature, await handoff.result(handoff.submit(queue, inputs, rows, deadline))
 
     def loop_handoff(self, gather: bool = False) -> "_LoopHandoff":
         """The running loop's hand-off to the batch workers, one per gather mode."""
@@ -160,6 +213,8 @@ class ServingCore:
         if self.batching is None:
             return signature, run, None, 0
         rows = batching.batch_rows(inputs)
+        if rows > self.batching.max_batch_size:  # whichever way it runs (see BatchQueue)
+            raise pr.invalid(f"Task size {rows} is larger than maximum input batch size {self.batching.max_batch_size}")
         key = batching.queue_key(signature, inputs, outputs)
         queue = servable.batch_queues.get(key)
         if queue is not None:
@@ -189,6 +244,11 @@ class ServingCore:
                              BATCH_BUCKETS, model_name=model)
 
     def record(self, model: str, api: str, entrypoint: str, started: float, code: str) -> None:
+        """Count a request in the metrics. A model name the server does not know is counted
+        as "" (TF Serving makes a series of any name; a client sending many would grow the
+        page without bound)."""
+        if model and not self.manager.knows(model):
+            model = ""
         self.metrics.inc(":tensorflow:serving:request_count", model_name=model, status=code)
         self.metrics.observe(":tensorflow:serving:request_latency", (time.perf_counter() - started) * 1e6,
                              model_name=model, API=api, entrypoint=entrypoint)
@@ -232,11 +292,13 @@ class _LoopHandoff:
     def __init__(self, loop: asyncio.AbstractEventLoop, gather_for: Callable[[], float] = lambda: 0.0):
         self.loop = self._loop = loop
         self._gather_for = gather_for
-        self._gathered: dict[Any, list[tuple[dict[str, np.ndarray], int, Future]]] = {}
+        self._gathered: dict[Any, list[batching.TaskSpec]] = {}
         self._lock = threading.Lock()
         self._finished: list[tuple[Future, asyncio.Future]] = []
+        self._waiting: set[asyncio.Future] = set()  # the loop's side of results not back yet
 
-    def submit(self, queue: batching.BatchQueue, inputs: dict[str, np.ndarray], rows: int) -> Future:
+    def submit(self, queue: batching.BatchQueue, inputs: dict[str, np.ndarray], rows: int,
+               deadline: float | None = None) -> Future:
         """On the loop: queue a task with the others of this iteration; its Future."""
         future: Future = Future()
         if not self._gathered:
@@ -245,7 +307,7 @@ class _LoopHandoff:
                 self._loop.call_later(wait, self._flush)
             else:
                 self._loop.call_soon(self._flush)
-        self._gathered.setdefault(queue, []).append((inputs, rows, future))
+        self._gathered.setdefault(queue, []).append((inputs, rows, future, deadline))
         return future
 
     def _flush(self) -> None:
@@ -257,12 +319,23 @@ class _LoopHandoff:
         """On the loop: the Future's result (or exception); cancelling the wait (a deadline)
         cancels the task if it has not started."""
         waiter = self._loop.create_future()
+        self._waiting.add(waiter)
         future.add_done_callback(functools.partial(self._done, waiter))
         try:
             return await waiter
         except asyncio.CancelledError:
             future.cancel()
             raise
+        finally:
+            self._waiting.discard(waiter)
+
+    def abandon(self, error: BaseException) -> int:
+        """On the loop: end every wait for a result with `error` (the work itself may go
+        on); how many there were."""
+        waiting = [w for w in self._waiting if not w.done()]
+        for waiter in waiting:
+            waiter.set_exception(error)
+        return len(waiting)
 
     def _done(self, waiter: asyncio.Future, future: Future) -> None:
         # In the thread that completed the future (a batch worker, usually).
@@ -289,11 +362,12 @@ class _LoopHandoff:
                 waiter.set_result(future.result())
 
 
-def _run_retained(servable: Any, signature: str, outputs: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _run_retained(servable: Any, signature: str, outputs: list[str], inputs: dict[str, np.ndarray],
+                  timeout: float | None = None) -> dict[str, np.ndarray]:
     # Hold the version for the whole run, even if the request that queued it has given up.
     servable.retain()
     try:
-        return servable.run(signature, inputs, outputs)
+        return servable.run(signature, inputs, outputs, timeout)
     finally:
         servable.release()
 

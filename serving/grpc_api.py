@@ -36,13 +36,30 @@ def _grpc_spec(request: Any) -> tuple[int | None, str | None]:
     return _spec_choice(request.model_spec)
 
 
-def _grpc_inputs(request: Any) -> dict[str, np.ndarray]:
+def _grpc_inputs(request: Any, servable: Any, signature_key: str, max_bytes: int) -> dict[str, np.ndarray]:
+    """GetInputValues' decoding (tensorflow/cc/saved_model/util.cc): each input as numpy,
+    "tensor parsing error: <alias>" where Tensor::FromProto would fail, the signature's
+    default for an input left out. Before anything is decoded, the decoded size of all of
+    them is checked against `max_bytes` (--max-tensor-bytes): RESOURCE_EXHAUSTED, never an
+    allocation of what a tiny message can declare."""
+    total = 0
+    for alias, proto in request.inputs.items():
+        try:
+            total += tensor_proto.decoded_bytes(proto)
+        except (tensor_proto.TensorProtoError, ValueError):
+            raise pr.invalid(f"tensor parsing error: {alias}") from None
+    if total > max_bytes:
+        raise pr.ApiError("RESOURCE_EXHAUSTED", f"Request input tensors would take {total} bytes once decoded, "
+                          f"more than this server's limit of {max_bytes} bytes (--max-tensor-bytes)")
     inputs = {}
     for alias, proto in request.inputs.items():
         try:
             inputs[alias] = tensor_proto.to_ndarray(proto)
         except (tensor_proto.TensorProtoError, ValueError):
             raise pr.invalid(f"tensor parsing error: {alias}") from None
+    defaults = getattr(servable.signatures[signature_key], "defaults", {})
+    for alias in set(defaults) - set(inputs):
+        inputs[alias] = tensor_proto.to_ndarray(defaults[alias], max_bytes)
     return inputs
 
 
@@ -88,16 +105,22 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
             started = time.perf_counter()
             name = request.model_spec.name
             try:
-                version, label = _grpc_spec(request)
-                with core.arrival() as arrival, core.manager.acquire(name, version, label) as servable:
-                    inputs = _grpc_inputs(request)
-                    # No timer of our own: grpc.aio cancels this coroutine at the call's
-                    # deadline (or when the client cancels), which cancels a model run that
-                    # has not started. (A timer per call cost 6% of the loop's time at 32 clients.)
-                    signature, outputs = await core.predict(
-                        servable, request.model_spec.signature_name, inputs,
-                        list(request.output_filter), arrival=arrival, gather=True)
-                    response = _grpc_response(predict_pb2.PredictResponse(), name, servable, signature, outputs)
+                with core.call():
+                    version, label = _grpc_spec(request)
+                    with core.arrival() as arrival, core.manager.acquire(name, version, label) as servable:
+                        key = servable.check_inputs(request.model_spec.signature_name, request.inputs)
+                        inputs = _grpc_inputs(request, servable, key, config.max_tensor_bytes)
+                        # No timer of our own: grpc.aio cancels this coroutine at the call's
+                        # deadline (or when the client cancels), which cancels a model run
+                        # that has not started (a timer per call cost 6% of the loop's time
+                        # at 32 clients); the deadline also goes into the run, which
+                        # TensorFlow stops there.
+                        remaining = context.time_remaining()
+                        signature, outputs = await core.predict(
+                            servable, request.model_spec.signature_name, inputs,
+                            list(request.output_filter), arrival=arrival, gather=True,
+                            deadline=None if remaining is None else time.monotonic() + remaining)
+                        response = _grpc_response(predict_pb2.PredictResponse(), name, servable, signature, outputs)
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 core.record(name, "predict", "GRPC", started,
@@ -113,15 +136,37 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
             core.record(name, "predict", "GRPC", started, "OK")
             return response
 
+        async def Classify(self, request, context):  # noqa: N802
+            await self._classify_regress(request, context, "classify")
+
+        async def Regress(self, request, context):  # noqa: N802
+            await self._classify_regress(request, context, "regress")
+
+        async def _classify_regress(self, request: Any, context: Any, method: str) -> None:
+            """TensorflowClassificationServiceImpl::Classify / ...RegressionServiceImpl::
+            Regress up to the signature checks (Servable.check_classify_regress, which ends
+            in UNIMPLEMENTED for a signature that passes them)."""
+            started = time.perf_counter()
+            name = request.model_spec.name
+            try:
+                with core.call():
+                    version, label = _grpc_spec(request)
+                    with core.manager.acquire(name, version, label) as servable:
+                        servable.check_classify_regress(request.model_spec.signature_name, method)
+            except pr.ApiError as err:
+                core.record(name, method, "GRPC", started, err.code)
+                await abort(context, err)
+
         async def GetModelMetadata(self, request, context):  # noqa: N802
             started = time.perf_counter()
             name = request.model_spec.name
             try:
-                version, label = _grpc_spec(request)
-                if not list(request.metadata_field):
-                    raise pr.invalid("GetModelMetadataRequest must specify at least one metadata_field")
-                with core.manager.acquire(name, version, label) as servable:
-                    response = metadata_proto(servable, list(request.metadata_field))
+                with core.call():
+                    version, label = _grpc_spec(request)
+                    if not list(request.metadata_field):
+                        raise pr.invalid("GetModelMetadataRequest must specify at least one metadata_field")
+                    with core.manager.acquire(name, version, label) as servable:
+                        response = metadata_proto(servable, list(request.metadata_field))
             except pr.ApiError as err:
                 core.record(name, "GetModelMetadata", "GRPC", started, err.code)
                 await abort(context, err)
@@ -131,8 +176,9 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         async def GetModelStatus(self, request, context):  # noqa: N802
             try:
-                version, _label = _grpc_spec(request)
-                return status_proto(core.manager.status(request.model_spec.name, version))
+                with core.call():
+                    version, _label = _grpc_spec(request)
+                    return status_proto(core.manager.status(request.model_spec.name, version))
             except pr.ApiError as err:
                 await abort(context, err)
 

@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -155,10 +156,12 @@ async def serve(config: ServeConfig, ready: asyncio.Event | None = None,
         allow_version_labels_for_unavailable_models=config.allow_version_labels_for_unavailable_models,
         intra_op_parallelism=config.tensorflow_intra_op_parallelism,
         inter_op_parallelism=config.tensorflow_inter_op_parallelism,
+        enable_signature_method_name_check=config.enable_signature_method_name_check,
     )
     executor = ThreadPoolExecutor(max_workers=config.model_threads, thread_name_prefix="model")
-    manager = None
-    grpc_server = runner = None
+    manager = core = rest = None
+    grpc_server = runner = site = None
+    finished = True  # did every call accepted before SIGTERM end within the grace period?
     try:
         try:
             manager = ModelManager(specs, options, on_event=on_event)
@@ -186,19 +189,21 @@ async def serve(config: ServeConfig, ready: asyncio.Event | None = None,
         if config.rest_api_port:
             from aiohttp import web
 
-            runner = web.AppRunner(RestApi(core, config, monitoring).app(), access_log=None,
-                                   shutdown_timeout=config.shutdown_grace_seconds)
+            rest = RestApi(core, config, monitoring)
+            # By the time the runner is cleaned up, the calls have ended (or the grace did).
+            runner = web.ServerRunner(rest.web_server(), shutdown_timeout=1.0)
             await runner.setup()
+            site = web.TCPSite(runner, config.host, config.rest_api_port)
             try:
-                await web.TCPSite(runner, config.host, config.rest_api_port).start()
+                await site.start()
             except OSError as err:
                 raise StartupError(f"cannot listen for REST on {config.host}:{config.rest_api_port}: {err}") from None
         for spec in specs:
             log.info("model %s: base path %s, policy %s, labels %s, serving versions %s",
                      spec.name, spec.base_path, spec.policy.describe(), spec.labels or "none",
                      manager.serving_versions(spec.name) or "none yet")
-        rest = f"REST http://{config.host}:{config.rest_api_port}" if config.rest_api_port else "REST off"
-        print(f"Local TF Serving stand-in (pid {os.getpid()}): {rest}  gRPC {grpc_address}  "
+        rest_text = f"REST http://{config.host}:{config.rest_api_port}" if config.rest_api_port else "REST off"
+        print(f"Local TF Serving stand-in (pid {os.getpid()}): {rest_text}  gRPC {grpc_address}  "
               f"batching {'on' if batching_params else 'off'}  event loop {config.event_loop}"
               f"{'  metrics ' + monitoring.prometheus_path if monitoring.prometheus_enabled else ''}",
               flush=True)
@@ -209,26 +214,53 @@ async def serve(config: ServeConfig, ready: asyncio.Event | None = None,
         if config_file is not None and config.model_config_file_poll_wait_seconds > 0:
             reloader = asyncio.ensure_future(_reload_config_loop(config, manager, config_file, stop))
         await stop.wait()
-        log.info("stopping: no new requests; waiting for in-flight ones (up to %.0f s)",
-                 config.shutdown_grace_seconds)
         if reloader is not None:
             reloader.cancel()
+        finished = await _drain(core, site, config.shutdown_grace_seconds)
     finally:
-        # Stop accepting on both APIs at once, then wait for the calls already running.
-        grpc_stopped = (asyncio.ensure_future(grpc_server.stop(config.shutdown_grace_seconds))
-                        if grpc_server is not None else None)
+        # Nothing is accepted any more: close both APIs (what is left after the grace is
+        # cancelled), then the models.
+        grpc_stopped = asyncio.ensure_future(grpc_server.stop(0)) if grpc_server is not None else None
         if runner is not None:
-            await runner.cleanup()  # closes the listener, then waits for running handlers
+            await runner.cleanup()  # closes idle connections; handlers still going are cancelled
         if grpc_stopped is not None:
             await grpc_stopped
         if manager is not None:
-            await loop.run_in_executor(None, manager.stop)
-        executor.shutdown(wait=True)
+            # After a full drain, unloading waits for runs still holding a version (a gRPC
+            # call that gave up at its deadline): TensorFlow stops them at that deadline.
+            # After the grace, the sessions close at once, which cancels their runs.
+            await loop.run_in_executor(None, manager.stop, None if finished else 0.0)
+        executor.shutdown(wait=finished, cancel_futures=True)
+        if rest is not None:
+            rest.parser.shutdown(wait=finished, cancel_futures=True)
         _release_pid_file(config.pid_file)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+# After SIGTERM, connections close only once no call has come in for this long: a client
+# between two requests on a kept-alive connection sends its next one, gets 503 (or
+# UNAVAILABLE) and goes elsewhere, instead of finding its connection closed under it.
+DRAIN_QUIET_S = 0.25
+
+
+async def _drain(core: ServingCore, site: Any, grace: float) -> bool:
+    """SIGTERM: no new connections; calls arriving on open ones are refused UNAVAILABLE
+    (REST 503, with Connection: close), so their clients retry elsewhere; the calls already
+    accepted get up to `grace` seconds to finish. True when they all did."""
+    core.draining = True
+    if site is not None:
+        await site.stop()  # the REST listener closes; its open connections stay, for now
+    log.info("stopping: no new requests; %d in progress get up to %g s to finish", core.calls, grace)
+    if await core.calls_finished(grace, quiet=min(DRAIN_QUIET_S, grace)):
+        return True
+    log.warning("the %g s grace period is over: answering UNAVAILABLE to the %d requests still in "
+                "progress (--shutdown-grace-seconds)", grace, core.calls)
+    core.abandon_waiting()
+    await core.calls_finished(1.0)  # their answers go out; what still hangs is cut off
+    return False
 
 
 def _close_queues(servable: Any) -> None:
@@ -279,6 +311,12 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return None
 
 
+def _busy_threads() -> list[threading.Thread]:
+    """Threads (not daemons) still running: their work outlived the grace period."""
+    return [t for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = configlib.parse_config(ServeConfig, normalise_flags(sys.argv[1:] if argv is None else argv),
                                     prog="python -m serving.server")
@@ -292,10 +330,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loop_factory = _loop_factory(config.event_loop)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(serve(config))
+            status = runner.run(serve(config))
     except StartupError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
+    busy = _busy_threads()
+    if busy:
+        # A run TensorFlow could not cancel (a native call that never returns) must not keep
+        # the process alive past the grace period: exit without waiting for it.
+        log.warning("exiting without waiting for %d threads still busy: %s", len(busy),
+                    ", ".join(t.name for t in busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

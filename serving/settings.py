@@ -53,7 +53,23 @@ class ServeConfig:
     rest_api_port: int = field(8501, "REST port (0 = no REST API)")
     rest_api_timeout_in_ms: int = field(30000, "REST request deadline in ms (0 = none)")
     rest_api_enable_cors_support: bool = field(False, "answer CORS preflights, add CORS headers")
-    max_request_bytes: int = field(64 * 2**20, "largest REST body / gRPC message accepted")
+    max_request_bytes: int = field(
+        64 * 2**20, "largest REST body (after gzip) / gRPC message accepted (TF Serving: 2 GiB)"
+    )
+    max_tensor_bytes: int = field(
+        256 * 2**20, "gRPC: most memory one request's input tensors may take once decoded (a "
+        "60-byte TensorProto can declare gigabytes)"
+    )
+    rest_idle_timeout_seconds: float = field(
+        30.0, "close a REST connection that sends no complete request headers for this long "
+        "(idle keep-alive, or headers trickling in)"
+    )
+    rest_body_timeout_seconds: float = field(
+        60.0, "a REST request's whole body must arrive within this long after its headers (408)"
+    )
+    rest_max_connections: int = field(
+        512, "REST connections open at once; beyond, new ones get 503 and are closed"
+    )
     # --- execution --------------------------------------------------------------------------
     enable_batching: bool = field(True, "batch concurrent requests (server-side batching)")
     batching_parameters_file: Path | None = field(
@@ -85,6 +101,9 @@ class ServeConfig:
     tensorflow_intra_op_parallelism: int = field(1, "TF intra-op threads per session (0 = auto)")
     tensorflow_inter_op_parallelism: int = field(1, "TF inter-op threads per session (0 = auto)")
     enable_model_warmup: bool = field(True, "replay assets.extra/tf_serving_warmup_requests on load")
+    enable_signature_method_name_check: bool = field(
+        False, "require predict/classify/regress signatures' method_name (TF Serving's flag)"
+    )
     num_request_iterations_for_warmup: int = field(1, "times each warm-up request is replayed")
     max_num_load_retries: int = field(5, "retries of a failed version load")
     load_retry_interval_seconds: float = field(60.0, "wait between load retries")
@@ -95,7 +114,9 @@ class ServeConfig:
     state_dir: Path = field(
         Path("artifacts/serving-local"), "where the pid file and the resolved config.json go"
     )
-    shutdown_grace_seconds: float = field(30.0, "how long SIGTERM waits for in-flight requests")
+    shutdown_grace_seconds: float = field(
+        30.0, "on SIGTERM, how long requests in progress may take to finish; then they are cut off"
+    )
     log_level: str = field("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def validate(self) -> None:
@@ -109,6 +130,15 @@ class ServeConfig:
             raise ConfigError("--file-system-poll-wait-seconds must be > 0")
         if self.max_request_bytes < 1024:
             raise ConfigError("--max-request-bytes must be at least 1024")
+        if self.max_tensor_bytes < 1024:
+            raise ConfigError("--max-tensor-bytes must be at least 1024")
+        for name in ("rest_idle_timeout_seconds", "rest_body_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.rest_max_connections < 1:
+            raise ConfigError(f"--rest-max-connections must be >= 1, got {self.rest_max_connections}")
+        if self.shutdown_grace_seconds < 0:
+            raise ConfigError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_seconds}")
         for name in ("model_threads", "batch_parallel_min_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
