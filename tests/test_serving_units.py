@@ -81,8 +81,6 @@ def test_uint8_values_are_narrowed_like_tf_serving():
     ({"inputs": [[1, True]]}, IMAGE_INFO, "Type: True is not of expected type: uint8"),
     ({"instances": [["7"]]}, IMAGE_INFO, 'JSON Value: "7" Type: String is not of expected type: uint8'),
     ({"instances": [[2**31]]}, {"x": pr.DT_INT32}, "is not of expected type: int32"),
-    ({"inputs": [16777217]}, {"x": pr.DT_FLOAT},
-     "Cannot convert JSON value: 16777217 to float without loss of precision."),
     ({"inputs": {"wrong": [1]}}, IMAGE_INFO, "Missing named input: image in 'inputs' object."),
     ({"instances": [{"wrong": [1]}]}, IMAGE_INFO,
      "Failed to process element: 0 key: wrong of 'instances' list. Error: INVALID_ARGUMENT: "
@@ -121,9 +119,11 @@ def test_unparsable_bodies(body, message):
 
 @pytest.mark.parametrize("use_orjson", [True, False])
 def test_json_parsing_with_and_without_orjson(monkeypatch, use_orjson):
+    from serving import rapidjson_compat
+
     if not use_orjson:
-        monkeypatch.setattr(jt, "_orjson", None)
-    elif jt._orjson is None:
+        monkeypatch.setattr(rapidjson_compat, "_orjson", None)
+    elif rapidjson_compat._orjson is None:
         pytest.skip("orjson is not installed (the json module does the parsing)")
     body = '{"instances": [[1, 2.5, -3, 18446744073709551616]], "signature_name": "s", "x": "\u00e9"}'.encode()
     assert jt.parse_json(body) == json.loads(body)
@@ -139,8 +139,8 @@ def test_absurdly_nested_values_are_refused_not_crashed_on():
     for doc in ({"inputs": deep}, {"instances": deep}):
         with pytest.raises(pr.ApiError, match="nests more than 32 levels"):
             fill(doc, {"x": pr.DT_INT32})
-    with pytest.raises(pr.ApiError, match="nests too deeply"):
-        jt.parse_json(b'{"inputs": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}")
+    with pytest.raises(pr.ApiError, match="more than 10000 levels deep"):
+        jt.parse_json(b'{"inputs": ' + b"[" * 20000 + b"1" + b"]" * 20000 + b"}")
 
 
 def test_b64_strings_decode_with_or_without_padding():
@@ -286,17 +286,18 @@ def _params(**kw):
 
 def test_concurrent_tasks_run_as_one_batch_and_each_gets_its_own_rows():
     sizes = []
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         sizes.append(len(inputs["x"]))
-        gate.wait(5)  # the first batch blocks until everything else is queued
+        started.set()
+        gate.wait(30)  # the first batch blocks until everything else is queued
         return {"y": inputs["x"] * 2}
 
     queue = batching.BatchQueue(run, _params())
     try:
         first = queue.submit({"x": np.array([[100]])}, 1)
-        time.sleep(0.1)  # the worker is now busy with the first task
+        assert started.wait(30)  # the worker is now busy with the first task
         futures = [queue.submit({"x": np.array([[i], [i + 1000]])}, 2) for i in range(6)]
         gate.set()
         assert first.result(5)["y"].tolist() == [[200]]
@@ -308,12 +309,13 @@ def test_concurrent_tasks_run_as_one_batch_and_each_gets_its_own_rows():
 
 
 def test_a_failing_task_fails_alone():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     sizes = []
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         sizes.append(len(inputs["x"]))
-        gate.wait(5)
+        started.set()
+        gate.wait(30)
         if (inputs["x"] < 0).any():
             raise jt.invalid("negative pixel")
         return {"y": inputs["x"] + 1}
@@ -321,7 +323,7 @@ def test_a_failing_task_fails_alone():
     queue = batching.BatchQueue(run, _params())
     try:
         first = queue.submit({"x": np.array([0])}, 1)
-        time.sleep(0.1)  # the worker holds the first task; the next three queue up together
+        assert started.wait(30)  # the worker holds the first task; the next three queue up together
         futures = [queue.submit({"x": np.array([v])}, 1) for v in (1, -1, 2)]
         gate.set()
         assert first.result(5)["y"].tolist() == [1]
@@ -336,13 +338,14 @@ def test_a_failing_task_fails_alone():
 
 
 def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     threads = []
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         threads.append(threading.current_thread().name)
         if inputs["x"][0] == 1:
-            gate.wait(5)
+            started.set()
+            gate.wait(30)
         return {"y": inputs["x"]}
 
     arriving = [0]
@@ -353,8 +356,8 @@ def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
         arriving[0] = 1  # someone else is on the way: queue instead, so they can batch
         assert queue.run_inline_if_idle({"x": np.array([0])}, 1) is None
         arriving[0] = 0
-        busy = queue.submit({"x": np.array([1])}, 1)  # a worker is now running a batch
-        time.sleep(0.1)
+        busy = queue.submit({"x": np.array([1])}, 1)
+        assert started.wait(30)  # a worker is now running a batch
         assert queue.run_inline_if_idle({"x": np.array([0])}, 1) is None
         gate.set()
         assert busy.result(5)["y"].tolist() == [1] and threads[-1] == "q-0"
@@ -365,24 +368,27 @@ def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
 
 @pytest.mark.parametrize("parallel_min_rows", [1, 4])
 def test_a_second_worker_joins_a_running_batch_only_for_enough_rows(parallel_min_rows):
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     sizes = []
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         sizes.append(len(inputs["x"]))
         if inputs["x"][0] < 0:
-            gate.wait(5)  # the first batch holds one worker
+            started.set()
+            gate.wait(30)  # the first batch holds one worker
         return {"y": inputs["x"]}
 
     queue = batching.BatchQueue(run, _params(num_batch_threads=2), parallel_min_rows=parallel_min_rows)
     try:
         first = queue.submit({"x": np.array([-1])}, 1)
-        time.sleep(0.1)
+        assert started.wait(30)
         small = [queue.submit({"x": np.array([i])}, 1) for i in (1, 2)]
         if parallel_min_rows == 1:  # TF Serving's way: the idle worker runs them at once
             assert [f.result(5)["y"].tolist() for f in small] == [[1], [2]]
         else:  # too few rows to run beside the busy worker: they wait for it
-            time.sleep(0.3)
+            # The idle worker runs only when a submit wakes it, and none did (no clock
+            # involved: the decision is taken inside submit, under the queue's lock).
+            assert queue._waking == 0 and queue._pending_rows == 2
             assert sizes == [1] and not any(f.done() for f in small)
             # Enough rows now (2 + 4 >= 4): the second worker takes them all, beside the first.
             big = queue.submit({"x": np.arange(10, 14)}, 4)
@@ -397,42 +403,80 @@ def test_a_second_worker_joins_a_running_batch_only_for_enough_rows(parallel_min
         queue.close()
 
 
-def test_large_tasks_are_refused_or_split():
-    queue = batching.BatchQueue(lambda i: {"y": i["x"] * 3}, _params(max_batch_size=4))
+@pytest.mark.parametrize("splitting", [False, True])
+def test_tasks_over_max_batch_size_are_refused_even_with_splitting(splitting):
+    """shared_batch_scheduler.h (TensorFlow), ValidateBatchTaskQueueCapacity: the task size
+    is checked against max_batch_size (input_batch_size_limit) whether or not large-batch
+    splitting is on; bundle_factory_util.h GetQueueOptions: splitting's execution size
+    defaults to max_batch_size, so with our batching file nothing is ever split."""
+    queue = batching.BatchQueue(lambda i, timeout=None: {"y": i["x"] * 3},
+                                _params(max_batch_size=4, enable_large_batch_splitting=splitting))
     try:
-        with pytest.raises(pr.ApiError, match="Task size 9 is larger than maximum input batch size 4"):
+        with pytest.raises(pr.ApiError) as err:
             queue.submit({"x": np.arange(9)}, 9)
+        assert (err.value.code, err.value.message) == ("INVALID_ARGUMENT", "Task size 9 is larger than maximum input batch size 4")
+        assert err.value.http_status == 400
+        assert queue.submit({"x": np.arange(4)}, 4).result(30)["y"].tolist() == [0, 3, 6, 9]
     finally:
         queue.close()
-    splitting = batching.BatchQueue(lambda i: {"y": i["x"] * 3},
-                                    _params(max_batch_size=4, enable_large_batch_splitting=True))
+
+
+def test_splitting_cuts_tasks_over_max_execution_batch_size():
+    sizes = []
+
+    def run(inputs, timeout=None):
+        sizes.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 3}
+
+    params = _params(max_batch_size=8, enable_large_batch_splitting=True, max_execution_batch_size=3)
+    queue = batching.BatchQueue(run, params)
     try:
-        assert splitting.submit({"x": np.arange(9)}, 9).result(5)["y"].tolist() == list(range(0, 27, 3))
+        assert queue.submit({"x": np.arange(7)}, 7).result(30)["y"].tolist() == list(range(0, 21, 3))
+        assert sorted(sizes, reverse=True)[0] <= 3 and sum(sizes) == 7
     finally:
-        splitting.close()
+        queue.close()
 
 
-def test_a_full_queue_answers_unavailable():
-    gate = threading.Event()
-    queue = batching.BatchQueue(lambda i: (gate.wait(5), {"y": i["x"]})[1], _params(max_batch_size=2, max_enqueued_batches=1))
+@pytest.mark.parametrize("splitting, message", [
+    (True, "The batch scheduling queue to which this task was submitted is full; task size is 1 but "
+           "scheduling capacity is only 0 (num_enqueued_batches=1, max_enqueued_batches=1, open_batch_size=2, "
+           "max_execution_batch_size=2)"),
+    (False, "The batch scheduling queue to which this task was submitted is full; currently 1 batches "
+            "enqueued and max_enqueued_batches is 1"),
+])
+def test_a_full_queue_answers_unavailable(splitting, message):
+    """shared_batch_scheduler.h, ValidateBatchTaskQueueCapacity's two wordings."""
+    gate, started = threading.Event(), threading.Event()
+
+    def run(inputs, timeout=None):
+        started.set()
+        gate.wait(30)
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params(max_batch_size=2, max_enqueued_batches=1,
+                                             enable_large_batch_splitting=splitting))
     try:
         queue.submit({"x": np.zeros(2)}, 2)  # taken by the worker, which then blocks
-        time.sleep(0.1)
+        assert started.wait(30)
         queue.submit({"x": np.zeros(2)}, 2)  # one batch waiting: the limit
         with pytest.raises(pr.ApiError) as err:
             queue.submit({"x": np.zeros(1)}, 1)
         assert err.value.code == "UNAVAILABLE" and err.value.http_status == 503
+        assert err.value.message == message
     finally:
         gate.set()
         queue.close()
 
 
 def test_batch_rows_checks_the_0th_dimension():
+    """batching_util.h ComputeTensorBatchSize's messages."""
     assert batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(3)}) == 3
-    with pytest.raises(pr.ApiError, match="equal 0th-dimension"):
+    with pytest.raises(pr.ApiError) as err:
         batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(2)})
-    with pytest.raises(pr.ApiError, match="at least one dimension"):
+    assert err.value.message == "Batching Run() input tensors must have equal 0th-dimension size"
+    with pytest.raises(pr.ApiError) as err:
         batching.batch_rows({"a": np.float32(1)})
+    assert err.value.message == "Batching Run() input tensors must have at least one dimension"
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,10 +542,12 @@ def test_a_version_in_use_is_unloaded_only_when_released(tmp_path):
     FakeServable.closed.clear()
     poll = threading.Thread(target=manager.poll_once)
     poll.start()
-    time.sleep(0.3)
-    assert poll.is_alive() and FakeServable.closed == []  # waiting for the lease
+    deadline = time.monotonic() + 60
+    while manager.status("m", 1)[0].state != "UNLOADING":  # the unload has begun...
+        assert time.monotonic() < deadline, "version 1 never started unloading"
+        time.sleep(0.01)
+    assert poll.is_alive() and FakeServable.closed == []  # ...and waits for the lease
     assert manager.serving_versions("m") == [2]  # but new requests already get version 2
-    assert manager.status("m", 1)[0].state == "UNLOADING"
     lease.release()
     poll.join(5)
     assert FakeServable.closed == [1] and manager.status("m", 1)[0].state == "END"
@@ -650,7 +696,7 @@ def test_requests_run_on_the_event_loop_only_after_a_quiet_period_without_compan
     from serving import core as server
 
     clock = types.SimpleNamespace(now=100.0)
-    monkeypatch.setattr(server, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(server, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, monotonic=lambda: clock.now))
     core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None)
     with core.arrival():
         assert core._lone_request()
@@ -775,3 +821,105 @@ def test_clients_import_no_server_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_version_that_keeps_failing_does_not_keep_a_newer_one_out(tmp_path):
+    """TF Serving cancels the load retries of a version no longer aspired (LoaderHarness's
+    cancel_load_retry), and its manager never waits for a load: here, a broken version 2
+    retrying every 60 s gives way to version 3 at once."""
+    (tmp_path / "1").mkdir()
+    spec = config_files.ModelSpecConfig("m", tmp_path, config_files.VersionPolicy("latest", 1))
+    options = mm.ManagerOptions(max_num_load_retries=5, load_retry_interval_seconds=60.0,
+                                file_system_poll_wait_seconds=0.02)
+    manager = mm.ModelManager([spec], options, loader=FakeServable)
+    manager.start()
+    try:
+        (tmp_path / "2").mkdir()
+        (tmp_path / "2" / "BROKEN").write_text("")
+        deadline = time.monotonic() + 60
+        while not any(s.version == 2 and s.state == "LOADING" for s in manager.status("m")):
+            assert time.monotonic() < deadline, "version 2 never started loading"
+            time.sleep(0.01)
+        (tmp_path / "3").mkdir()
+        while manager.serving_versions("m") != [3]:  # well before the 60 s retry interval
+            assert time.monotonic() < deadline, f"version 3 not served: {manager.status('m')}"
+            time.sleep(0.01)
+        while manager.status("m", 2)[0].state != "END":  # its retries stop, well before 60 s too
+            assert time.monotonic() < deadline, f"version 2 still retrying: {manager.status('m')}"
+            time.sleep(0.01)
+        assert manager.status("m", 2)[0].error_code == "DATA_LOSS"
+    finally:
+        manager.stop()
+
+
+def test_queued_work_past_its_deadline_is_dropped_and_a_run_gets_what_is_left():
+    gate, started = threading.Event(), threading.Event()
+    timeouts = []
+
+    def run(inputs, timeout=None):
+        timeouts.append(timeout)
+        if inputs["x"][0] < 0:
+            started.set()
+            gate.wait(30)
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        busy = queue.submit({"x": np.array([-1])}, 1)
+        assert started.wait(30)
+        expired = queue.submit({"x": np.array([1])}, 1, deadline=time.monotonic() - 1)
+        later = queue.submit({"x": np.array([2])}, 1, deadline=time.monotonic() + 60)
+        gate.set()
+        assert busy.result(30)["y"].tolist() == [-1]
+        with pytest.raises(pr.ApiError) as err:
+            expired.result(30)
+        assert err.value.code == "DEADLINE_EXCEEDED"
+        assert later.result(30)["y"].tolist() == [2]
+        assert len(timeouts) == 2 and timeouts[0] is None and 0 < timeouts[1] <= 60  # never run: the expired one
+    finally:
+        gate.set()
+        queue.close()
+
+
+def test_a_batch_stopped_at_its_deadline_fails_all_its_tasks_without_rerunning_them():
+    runs = []
+
+    def run(inputs, timeout=None):
+        runs.append(len(inputs["x"]))
+        raise pr.ApiError("DEADLINE_EXCEEDED", "Timed out waiting for notification")
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        futures = [batching.Future() for _ in range(3)]
+        queue.submit_all([({"x": np.array([i])}, 1, f, time.monotonic() + 60) for i, f in enumerate(futures)])
+        for future in futures:
+            with pytest.raises(pr.ApiError, match="Timed out"):
+                future.result(30)
+        assert runs == [3]  # one run for all, no re-run one by one
+    finally:
+        queue.close()
+
+
+def test_the_clients_default_request_size_is_the_batching_files_limit():
+    from serving.client import DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, join_predictions, request_slices
+
+    params = config_files.read_batching_parameters(REPO / "serving" / "batching_parameters.txt")
+    assert DEFAULT_MAX_BATCH_SIZE == params.max_batch_size == 256
+    assert request_slices(600, 256) == [slice(0, 256), slice(256, 512), slice(512, 768)]
+    assert request_slices(0, 256) == [slice(0, 256)]
+    with pytest.raises(InputError, match="max_batch_size must be >= 1"):
+        request_slices(3, 0)
+    parts = [Prediction(np.array([1, 2]), np.eye(10, dtype=np.float32)[[1, 2]], 4),
+             Prediction(np.array([3]), np.eye(10, dtype=np.float32)[[3]], 5)]
+    joined = join_predictions(parts)
+    assert joined.digits.tolist() == [1, 2, 3] and joined.probabilities.shape == (3, 10)
+    assert joined.model_version is None  # a swap came in between
+    assert join_predictions(parts[:1]).model_version == 4
+
+
+def test_metric_label_values_are_escaped():
+    from serving.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.inc(":tensorflow:serving:request_count", model_name='a"b\\c\nd', status="OK")
+    assert metrics.render().splitlines()[1] == ':tensorflow:serving:request_count{model_name="a\\"b\\\\c\\nd",status="OK"} 1'
