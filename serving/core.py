@@ -244,14 +244,16 @@ class ServingCore:
                              BATCH_BUCKETS, model_name=model)
 
     def record(self, model: str, api: str, entrypoint: str, started: float, code: str) -> None:
-        """Count a request in the metrics. A model name the server does not know is counted
-        as "" (TF Serving makes a series of any name; a client sending many would grow the
-        page without bound)."""
+        """Count a request as TF Serving does (http_server.cc, prediction_service_impl.cc):
+        request_count by model and status always, request_latency only when it succeeded.
+        A model name the server does not know is counted as "" (TF Serving makes a series
+        of any name: a client sending many would grow the page without bound)."""
         if model and not self.manager.knows(model):
             model = ""
         self.metrics.inc(":tensorflow:serving:request_count", model_name=model, status=code)
-        self.metrics.observe(":tensorflow:serving:request_latency", (time.perf_counter() - started) * 1e6,
-                             model_name=model, API=api, entrypoint=entrypoint)
+        if code == "OK":
+            self.metrics.observe(":tensorflow:serving:request_latency", (time.perf_counter() - started) * 1e6,
+                                 model_name=model, API=api, entrypoint=entrypoint)
 
 
 class _Arrival:

@@ -123,17 +123,17 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
                         response = _grpc_response(predict_pb2.PredictResponse(), name, servable, signature, outputs)
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                core.record(name, "predict", "GRPC", started,
+                core.record(name, "Predict", "GRPC", started,
                             "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
                 raise
             except pr.ApiError as err:
-                core.record(name, "predict", "GRPC", started, err.code)
+                core.record(name, "Predict", "GRPC", started, err.code)
                 await abort(context, err)
             except Exception as err:
                 log.exception("gRPC Predict failed")
-                core.record(name, "predict", "GRPC", started, "INTERNAL")
+                core.record(name, "Predict", "GRPC", started, "INTERNAL")
                 await abort(context, pr.ApiError("INTERNAL", f"Internal error: {type(err).__name__}: {err}"))
-            core.record(name, "predict", "GRPC", started, "OK")
+            core.record(name, "Predict", "GRPC", started, "OK")
             return response
 
         async def Classify(self, request, context):  # noqa: N802
@@ -154,11 +154,10 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
                     with core.manager.acquire(name, version, label) as servable:
                         servable.check_classify_regress(request.model_spec.signature_name, method)
             except pr.ApiError as err:
-                core.record(name, method, "GRPC", started, err.code)
+                core.record(name, method.capitalize(), "GRPC", started, err.code)
                 await abort(context, err)
 
         async def GetModelMetadata(self, request, context):  # noqa: N802
-            started = time.perf_counter()
             name = request.model_spec.name
             try:
                 with core.call():
@@ -167,10 +166,8 @@ def build_grpc_server(core: ServingCore, config: ServeConfig) -> Any:
                         raise pr.invalid("GetModelMetadataRequest must specify at least one metadata_field")
                     with core.manager.acquire(name, version, label) as servable:
                         response = metadata_proto(servable, list(request.metadata_field))
-            except pr.ApiError as err:
-                core.record(name, "GetModelMetadata", "GRPC", started, err.code)
+            except pr.ApiError as err:  # (TF Serving counts no metadata calls)
                 await abort(context, err)
-            core.record(name, "GetModelMetadata", "GRPC", started, "OK")
             return response
 
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):

@@ -150,10 +150,8 @@ class RestApi:
                     if not model_name:
                         raise pr.invalid("Missing model name in request.")
                     if status.group(4):
-                        api = "GetModelMetadata"
                         text = self._metadata(model_name, version, unquote(label) if label else None)
                     else:
-                        api = "GetModelStatus"
                         # GetModelStatus looks at the version only; a label is ignored, as upstream.
                         text = _status_json(self.core.manager.status(model_name, version))
                 else:
