@@ -101,6 +101,7 @@ class Servable:
 
     method_name_check = False  # --enable_signature_method_name_check (TF Serving's flag)
     unloading = False  # set once, by the manager, under its lock
+    _checked: dict[tuple, str] | None = None  # check_inputs' answers (set per loaded instance)
 
     def __init__(self, name: str, version: int, path: Path, options: ManagerOptions):
         import tensorflow as tf
@@ -135,6 +136,7 @@ class Servable:
         # protos costs more than the rest of a small request's validation.
         self._input_dtypes: dict[str, dict[str, int]] = {}
         self._prepared: dict[tuple, tuple[str, list[str], list[str]]] = {}
+        self._checked: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
@@ -186,6 +188,10 @@ class Servable:
         INVALID_ARGUMENT from VerifyRequestInputsSize (predict_util.cc) or, for a name the
         signature lacks, TensorFlow 2.21's GetInputValues (tensorflow/cc/saved_model/util.cc).
         """
+        names = tuple(sorted(aliases))
+        checked = self._checked.get((signature_name, names)) if self._checked is not None else None
+        if checked is not None:
+            return checked
         key = signature_name or "serving_default"
         signature = self.signatures.get(key)
         if signature is None:
@@ -215,6 +221,8 @@ class Servable:
                 f"Inputs contains invalid name. Used request inputs: "
                 f"{','.join(sorted(sent & expected))}, request input: {','.join(sorted(sent))}"
             )
+        if self._checked is not None and len(self._checked) < _MAX_CACHED:  # like one already accepted: at once
+            self._checked[(signature_name, names)] = key
         return key
 
     def check_classify_regress(self, signature_name: str, method: str) -> None:

@@ -852,12 +852,12 @@ def test_a_version_that_keeps_failing_does_not_keep_a_newer_one_out(tmp_path):
         manager.stop()
 
 
-def test_queued_work_past_its_deadline_is_dropped_and_a_run_gets_what_is_left():
+def test_queued_work_past_its_deadline_is_dropped():
     gate, started = threading.Event(), threading.Event()
-    timeouts = []
+    ran = []
 
     def run(inputs, timeout=None):
-        timeouts.append(timeout)
+        ran.append(int(inputs["x"][0]))
         if inputs["x"][0] < 0:
             started.set()
             gate.wait(30)
@@ -875,9 +875,30 @@ def test_queued_work_past_its_deadline_is_dropped_and_a_run_gets_what_is_left():
             expired.result(30)
         assert err.value.code == "DEADLINE_EXCEEDED"
         assert later.result(30)["y"].tolist() == [2]
-        assert len(timeouts) == 2 and timeouts[0] is None and 0 < timeouts[1] <= 60  # never run: the expired one
+        assert ran == [-1, 2]  # the expired one never ran
     finally:
         gate.set()
+        queue.close()
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_run_gets_its_deadline_when_its_queue_runs_long(monkeypatch, slow):
+    """The deadline goes into a queue's first run, and later into its runs only if they
+    take batching.RUN_TIMEOUT_MIN_S or more (short runs run in the calling thread)."""
+    timeouts = []
+    monkeypatch.setattr(batching, "RUN_TIMEOUT_MIN_S", 0.0 if slow else 3600.0)
+
+    def run(inputs, timeout=None):
+        timeouts.append(timeout)
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        for _ in range(2):
+            queue.submit({"x": np.array([1])}, 1, deadline=time.monotonic() + 60).result(30)
+        assert 0 < timeouts[0] <= 60
+        assert (timeouts[1] is not None) == slow
+    finally:
         queue.close()
 
 
