@@ -96,9 +96,6 @@ class RestApi:
             access_log=None,
         )
 
-    def close(self) -> None:
-        self.parser.shutdown(wait=False, cancel_futures=True)
-
     def _refusal_bytes(self) -> bytes:
         body = jt.error_json(f"Too many connections: this server accepts at most {self.config.rest_max_connections} "
                              f"at once (--rest-max-connections)").encode()
