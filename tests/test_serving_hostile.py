@@ -204,11 +204,14 @@ def test_half_open_connections_time_out_and_are_capped(server, normal_body):
             sock = socket.create_connection(("127.0.0.1", server.rest_port), timeout=120)
             sock.sendall(partial)
             sockets.append(sock)
-        # Over the cap: refused at once with 503, whatever is sent.
-        answers = [read_until_closed(sock) for sock in sockets[MAX_CONNECTIONS:]]
-        assert all(a.startswith(b"HTTP/1.1 503 ") and b"--rest-max-connections" in a for a in answers), answers
-        # Within it: closed after --rest-idle-timeout-seconds without complete headers.
-        assert [read_until_closed(sock) for sock in sockets[:MAX_CONNECTIONS]] == [b""] * MAX_CONNECTIONS
+        # Over the cap, a connection is answered 503 at once and closed; within it, one
+        # without complete headers is closed after --rest-idle-timeout-seconds. (Which ones
+        # are over the cap depends on what other connections the server still counts.)
+        answers = [read_until_closed(sock) for sock in sockets]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503 ") and b"--rest-max-connections" in a]
+        timed_out = [a for a in answers if a == b""]
+        assert len(refused) + len(timed_out) == len(sockets), answers
+        assert len(refused) >= len(sockets) - MAX_CONNECTIONS and 1 <= len(timed_out) <= MAX_CONNECTIONS
     finally:
         for sock in sockets:
             sock.close()

@@ -944,3 +944,16 @@ def test_metric_label_values_are_escaped():
     metrics = Metrics()
     metrics.inc(":tensorflow:serving:request_count", model_name='a"b\\c\nd', status="OK")
     assert metrics.render().splitlines()[1] == ':tensorflow:serving:request_count{model_name="a\\"b\\\\c\\nd",status="OK"} 1'
+
+
+def test_large_inputs_are_converted_in_pieces_with_the_same_result():
+    images = np.random.default_rng(3).integers(0, 256, (600, 28, 28))
+    rows = images.tolist()
+    parsed = fill({"instances": rows}, may_have_bools=False)
+    np.testing.assert_array_equal(parsed.tensors["image"], images.astype(np.uint8))
+    ragged = rows[:300] + [[[0] * 27] * 28] + rows[300:]  # in the second piece
+    with pytest.raises(pr.ApiError, match="Failed to process element: 300 of 'instances' list. "
+                                          "Error: INVALID_ARGUMENT: Expecting tensor size: 784 but got: 756"):
+        fill({"instances": ragged}, may_have_bools=False)
+    floats = fill({"inputs": rows[:300] + [[[0.5] * 28] * 28]}, {"x": pr.DT_FLOAT}, may_have_bools=False)
+    assert floats.tensors["x"].dtype == np.float32 and floats.tensors["x"][300, 0, 0] == 0.5
