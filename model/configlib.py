@@ -117,7 +117,8 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f.metadata.get("help", "") + f" (default: {_show_default(f.default)})",
+            # argparse %-formats help texts: a literal '%' (in a help or a default) is '%%'.
+            "help": (f.metadata.get("help", "") + f" (default: {_show_default(f.default)})").replace("%", "%%"),
         }
         if tp is bool and not optional:
             # --flag / --no-flag, the usual shape for switches.
