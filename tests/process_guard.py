@@ -320,7 +320,17 @@ def _watchdog(marker: str) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python tests/process_guard.py",
+        description="The process guard's watchdog, started by the pytest plugin: when its stdin "
+                    "closes (pytest finished or died), stop every process carrying MARKER.")
+    parser.add_argument("--watchdog", metavar="MARKER", required=True,
+                        help="the session's mark (the value of $%s)" % MARKER.replace("%", "%%"))
+    return _watchdog(parser.parse_args(argv).watchdog)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--watchdog":
-        sys.exit(_watchdog(sys.argv[2]))
-    sys.exit("usage: python tests/process_guard.py --watchdog MARKER")
+    sys.exit(main())
