@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The process guard's watchdog, started by the pytest plugin: when its stdin "
                     "closes (pytest finished or died), stop every process carrying MARKER.")
     parser.add_argument("--watchdog", metavar="MARKER", required=True,
-                        help="the session's mark (the value of $%s)" % MARKER.replace("%", "%%"))
+                        help=f"the session's mark (the value of ${MARKER})")
     return _watchdog(parser.parse_args(argv).watchdog)
 
 
