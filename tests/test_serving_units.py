@@ -479,6 +479,21 @@ def test_batch_rows_checks_the_0th_dimension():
     assert err.value.message == "Batching Run() input tensors must have at least one dimension"
 
 
+@pytest.mark.parametrize("num_batch_threads", [1, 2])
+def test_a_task_of_zero_rows_is_run_not_left_waiting(num_batch_threads):
+    """A request of 0 rows (gRPC DT_STRING [0], REST {"inputs": []}) is valid: the model
+    answers 0 rows, as TF's own call of the signature does. It holds no rows, and the
+    queue once woke workers only for rows: the task waited for the next request, or until
+    the client's deadline (a 504 after 30 s; forever over gRPC without a deadline)."""
+    queue = batching.BatchQueue(lambda i, timeout=None: {"y": i["x"] * 2}, _params(num_batch_threads=num_batch_threads))
+    try:
+        assert queue.submit({"x": np.zeros((0, 3))}, 0).result(30)["y"].shape == (0, 3)
+        assert queue.submit({"x": np.ones((2, 3))}, 2).result(30)["y"].tolist() == [[2, 2, 2]] * 2
+        assert queue.submit({"x": np.zeros((0, 3))}, 0).result(30)["y"].shape == (0, 3)
+    finally:
+        queue.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Model manager (a stand-in loader: the version logic without TensorFlow)
 # --------------------------------------------------------------------------------------------
