@@ -84,6 +84,11 @@ def test_flags_override_fields_with_types():
         (["--strategy", "tpu"], "is not one of none, mirrored, multiworker"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir: no such directory"),
+        # NaN passes every range check written as a comparison (nan <= 0 is False): these
+        # were accepted, and NaN cannot be saved in config.json as JSON.
+        (["--learning-rate", "nan"], "argument --learning-rate: expected a finite number, got 'nan'"),
+        (["--cluster-timeout", "inf"], "argument --cluster-timeout: expected a finite number, got 'inf'"),
+        (["--max-rotation=-Infinity"], "argument --max-rotation: expected a finite number, got '-Infinity'"),
     ],
 )
 def test_bad_flags_exit_2_with_the_reason(argv, message, capsys):

@@ -762,6 +762,14 @@ def test_server_flags_out_of_range_are_refused():
         server.ServeConfig(batch_parallel_min_rows=0).validate()
     with pytest.raises(server.ConfigError, match="--event-loop must be one of uvloop, asyncio, got 'tornado'"):
         server.ServeConfig(event_loop="tornado").validate()
+    # Each was accepted: a negative REST timeout answered every request 504, a zero switch
+    # interval ended start-up in a traceback, a negative TF thread count in a C++ abort.
+    for flag, value in [("rest_api_timeout_in_ms", -5), ("gil_switch_interval_ms", 0.0),
+                        ("tensorflow_intra_op_parallelism", -3), ("tensorflow_inter_op_parallelism", -1),
+                        ("max_num_load_retries", -2), ("load_retry_interval_seconds", -1.0),
+                        ("num_request_iterations_for_warmup", -1), ("model_config_file_poll_wait_seconds", -1)]:
+        with pytest.raises(server.ConfigError, match=f"--{flag.replace('_', '-')} must be "):
+            server.ServeConfig(**{flag: value}).validate()
 
 
 def test_the_event_loop_flag_picks_the_loop():
