@@ -663,6 +663,27 @@ def test_query_flags_errors_exit_2(argv):
     assert err.value.code == 2
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["--modle", "mnist", "status"], "--modle"),  # its value was taken for the command
+    (["status", "--bogus=1"], "--bogus=1"),
+    (["-x", "predict", "a.png"], "-x"),
+])
+def test_query_names_the_unknown_flag(argv, named, capsys):
+    from serving import query
+
+    with pytest.raises(SystemExit) as err:
+        query.parse_args(argv)
+    assert err.value.code == 2
+    assert f"error: unrecognized arguments: {named}" in capsys.readouterr().err
+
+
+def test_query_takes_negative_numbers_and_dashes_as_values():
+    from serving import query
+
+    command, files, config = query.parse_args(["--version", "-1", "predict", "-", "--", "-odd.png"])
+    assert (command, files, config.version) == ("predict", ["-", "-odd.png"], -1)
+
+
 def test_docker_check_parses_versions():
     from serving import docker_check
 
