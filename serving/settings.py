@@ -67,6 +67,10 @@ class ServeConfig:
     rest_body_timeout_seconds: float = field(
         60.0, "a REST request's whole body must arrive within this long after its headers (408)"
     )
+    rest_send_timeout_seconds: float = field(
+        60.0, "a REST answer must be taken by the client within this long, else the connection "
+        "is closed (a client that sends requests but never reads would hold it forever)"
+    )
     rest_max_connections: int = field(
         512, "REST connections open at once; beyond, new ones get 503 and are closed"
     )
@@ -132,7 +136,7 @@ class ServeConfig:
             raise ConfigError("--max-request-bytes must be at least 1024")
         if self.max_tensor_bytes < 1024:
             raise ConfigError("--max-tensor-bytes must be at least 1024")
-        for name in ("rest_idle_timeout_seconds", "rest_body_timeout_seconds"):
+        for name in ("rest_idle_timeout_seconds", "rest_body_timeout_seconds", "rest_send_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.rest_max_connections < 1:
