@@ -91,9 +91,16 @@ gpu-check: setup ## Report what TensorFlow sees (GPU, CUDA, cuDNN); REQUIRE_GPU=
 	$(PY) -m model.gpu $(if $(filter 1 true yes,$(REQUIRE_GPU)),--require-gpu) --out artifacts/gpu_report.json
 
 .PHONY: train
+# The run the training wrote, wherever ARGS="--out ..." put it, as model.train records it for
+# this make (every recipe line's shell has make as its parent: $PPID). Only the chief of a
+# multi-worker run records one: the other workers do not export.
+TRAIN_RECORD = artifacts/.train-run-$$PPID
+
 train: setup setup-tflite-runtime ## Check the GPU, train on MNIST, evaluate, then export the run (DATA_DIR=, REQUIRE_GPU=1, ARGS=)
-	$(PY) -m model.train $(TRAIN_FLAGS) $(ARGS)
-	$(PY) -m export --run artifacts/runs/latest $(EXPORT_ARGS)
+	$(PY) -m model.train $(TRAIN_FLAGS) $(ARGS) --run-record $(TRAIN_RECORD)
+	@run=$$(cat $(TRAIN_RECORD) 2>/dev/null); rm -f $(TRAIN_RECORD); \
+	if [ -z "$$run" ]; then echo "train: not the chief worker: the chief exports the run"; \
+	else set -x; $(PY) -m export --run "$$run" $(EXPORT_ARGS); fi
 
 .PHONY: bench
 bench: ## Every benchmark: bench-train, bench-export, bench-serve, bench-mobile (JSON under artifacts/bench/)

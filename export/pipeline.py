@@ -89,7 +89,14 @@ def load_run_data(config: ExportConfig) -> RunData:
     from model import data
     from model.train import TrainConfig
 
-    train_config = configlib.load_config(TrainConfig, Path(config.run) / contract.RUN_CONFIG_FILE)
+    from export.saved_model import ExportError
+
+    config_file = Path(config.run) / contract.RUN_CONFIG_FILE
+    try:
+        train_config = configlib.load_config(TrainConfig, config_file)
+    except (OSError, ValueError, TypeError) as err:  # a damaged file: bad JSON, keys or types
+        raise ExportError(f"{config_file}: not a readable training config ({err}); it is damaged: "
+                          "train again, or export another run") from err
     data_dir = config.data_dir if config.data_dir is not None else train_config.data_dir
     dataset = data.load_mnist(data_dir, train_config.tfds_dir)
     train_split, _validation = data.split_validation(dataset.train, train_config.validation_size)
@@ -115,14 +122,11 @@ def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict
     """
     import time
 
-    import keras
-
-    from export import saved_model, tflite
+    from export import saved_model
 
     started = time.perf_counter()
     run_dir = Path(config.run).resolve()
-    run_metrics = configlib_load_json(run_dir / contract.RUN_METRICS_FILE)
-    model = keras.models.load_model(run_dir / contract.RUN_MODEL_FILE, compile=False)
+    run_metrics, model = read_run(run_dir)
     run_data = load_run_data(config)
     summary: dict[str, Any] = {"run": str(run_dir)}
 
@@ -202,10 +206,37 @@ def _message(err: BaseException) -> str:
     return configlib.write_failure(err) or str(err)
 
 
-def configlib_load_json(path: Path) -> dict[str, Any]:
-    import json
+def read_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """(metrics.json as a dict, the Keras model) of a finished run folder.
 
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    Raises saved_model.ExportError naming the file when either cannot be read (truncated,
+    damaged, not JSON): Keras itself says "File not found" for a truncated .keras file.
+    """
+    import json
+    import zipfile
+
+    import keras
+
+    from export.saved_model import ExportError
+
+    metrics_file = Path(run_dir) / contract.RUN_METRICS_FILE
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        if not isinstance(metrics, dict):
+            raise ValueError(f"a JSON {type(metrics).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{metrics_file}: not a readable metrics file ({err}); it is damaged: "
+                          "train again, or export another run") from err
+    model_file = Path(run_dir) / contract.RUN_MODEL_FILE
+    try:
+        if not zipfile.is_zipfile(model_file):
+            raise ValueError("not a .keras zip archive: truncated or damaged")
+        model = keras.models.load_model(model_file, compile=False)
+    except Exception as err:  # Keras raises many kinds for a damaged archive
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportError(f"{model_file}: not a readable Keras model ({reason}); train again, "
+                          "or export another run") from err
+    return metrics, model
 
 
 def _log_tflite(report: dict[str, Any], mobile_dir: Path, log: Callable[[str], None]) -> None:

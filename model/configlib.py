@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -84,11 +85,16 @@ def _converter(tp: Any, optional: bool):
                     f"expected a comma-separated list of {item_type.__name__}, got {text!r}"
                 ) from err
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError as err:
             raise argparse.ArgumentTypeError(
                 f"expected {getattr(tp, '__name__', tp)}, got {text!r}"
             ) from err
+        if tp is float and not math.isfinite(value):
+            # float() takes "nan" and "inf", which pass every range check written as a
+            # comparison (nan <= 0 is False) and cannot be saved as JSON.
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
 
     convert.__name__ = getattr(tp, "__name__", "value")
     return convert

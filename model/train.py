@@ -92,6 +92,10 @@ class TrainConfig:
     verbose: Literal["auto", "bar", "epoch", "quiet"] = field(
         "auto", "progress: bar (Keras progress bar), epoch (a line per epoch), quiet; auto = bar on a terminal"
     )
+    run_record: Path | None = field(
+        None, "write the finished run folder's path to this file (the chief's only; other workers "
+        "remove it): what make train exports, wherever --out put the run"
+    )
 
     def validate(self) -> None:
         positive = {
@@ -123,7 +127,7 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that define what a run computes (used to decide whether to resume)."""
         data = configlib.to_jsonable(self)
-        for key in ("run_name", "resume", "verbose", "require_gpu", "out", "cluster_timeout"):
+        for key in ("run_name", "resume", "verbose", "require_gpu", "out", "cluster_timeout", "run_record"):
             data.pop(key, None)
         return data
 
@@ -640,6 +644,8 @@ def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
 
 def main(argv: list[str] | None = None) -> int:
     config = configlib.parse_config(TrainConfig, argv, prog="python -m model.train")
+    if config.run_record is not None:
+        Path(config.run_record).unlink(missing_ok=True)  # only a finished chief's run is exported
     try:
         result, status = run_reporting_errors(lambda: train_and_evaluate(config))
     except KeyboardInterrupt:
@@ -659,6 +665,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Test accuracy: {m['test_accuracy']:.2%} (loss {m['test_loss']:.4f}) after {m['epochs_run']} "
         f"epochs, {m['train_seconds']:.0f} s of training\nRun folder: {result.run_dir}"
     )
+    if config.run_record is not None:
+        record = Path(config.run_record)
+        try:
+            with configlib.naming_file(record):
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(f"{Path(result.run_dir).resolve()}\n", encoding="utf-8")
+        except OSError as err:
+            print(f"error: cannot write {configlib.write_failure(err)}; export the run with "
+                  f"python -m export --run {result.run_dir}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -203,8 +203,10 @@ class BatchQueue:
         # unless a worker busy with a batch will take them when done (see the module notes).
         claimed = (self._waking + self._filling) * self._execution_limit
         if self._working and self._pending_rows - claimed < self._parallel_min_rows:
-            return
-        if self._idle > self._waking and self._pending_rows > claimed:
+            return  # the busy worker takes them when it is done
+        # `not claimed`: tasks of 0 rows (an empty batch is a valid request) hold no rows,
+        # yet need a worker like any other when none is awake.
+        if self._idle > self._waking and (self._pending_rows > claimed or not claimed):
             self._waking += 1
             self._work.notify()
 

@@ -88,6 +88,22 @@ class QueryConfig:
             raise ConfigError("--limit must be >= 0")
 
 
+def _unknown_flags(parser: Any, argv: Sequence[str]) -> list[str]:
+    """The arguments of `argv` that look like flags the parser does not have (up to "--";
+    negative numbers are values)."""
+    known = {option for action in parser._actions for option in action.option_strings}
+    unknown = []
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("-") and arg != "-" and arg.split("=", 1)[0] not in known:
+            try:
+                float(arg)
+            except ValueError:
+                unknown.append(arg)
+    return unknown
+
+
 def parse_args(argv: Sequence[str]) -> tuple[str, list[str], QueryConfig]:
     """(command, files, config); bad flags exit with status 2 and the usage line."""
     parser = configlib.build_parser(QueryConfig, prog="python -m serving.query",
@@ -95,6 +111,11 @@ def parse_args(argv: Sequence[str]) -> tuple[str, list[str], QueryConfig]:
     parser.epilog = "exit status: 0 ok, 2 usage, 3 bad input, 4 unreachable, 5 refused (4xx), 6 server failure (5xx), 7 timeout"
     parser.add_argument("command", choices=COMMANDS, help="what to ask")
     parser.add_argument("files", nargs="*", help="predict: PNG/JPEG/GIF/BMP pictures or .npy pixel arrays")
+    unknown = _unknown_flags(parser, argv)
+    if unknown:
+        # Before parsing: argparse would take the unknown flag's value for the command and
+        # name that instead ("invalid choice: 'mnist'" for --modle mnist status).
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     ns = vars(parser.parse_intermixed_args(list(argv)))
     command, files = ns.pop("command"), ns.pop("files")
     if files and command != "predict":

@@ -111,7 +111,25 @@ class RestApi:
         return response
 
     async def handle(self, request: Any) -> Any:
-        """One HTTP request (aiohttp handler): TF Serving's dispatch (http_server.cc
+        """One HTTP request (aiohttp handler): the answer (`_answer`), sent within
+        --rest-send-timeout-seconds. aiohttp waits for a client to take an answer without a
+        limit: one that pipelines requests and never reads the answers held its connection,
+        and so a place under --rest-max-connections, for good. Past the limit, the
+        connection is dropped."""
+        response = await self._answer(request)
+        try:
+            async with asyncio.timeout(self.config.rest_send_timeout_seconds):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            log.warning("REST client %s took no answer for %g s: connection dropped (--rest-send-timeout-seconds)",
+                        request.remote, self.config.rest_send_timeout_seconds)
+            if request.transport is not None:
+                request.transport.abort()
+        return response  # prepared: aiohttp only finishes it
+
+    async def _answer(self, request: Any) -> Any:
+        """The response to one request: TF Serving's dispatch (http_server.cc
         RestApiRequestDispatcher, http_rest_api_handler.cc ProcessRequest)."""
         from aiohttp import web
 

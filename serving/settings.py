@@ -67,6 +67,10 @@ class ServeConfig:
     rest_body_timeout_seconds: float = field(
         60.0, "a REST request's whole body must arrive within this long after its headers (408)"
     )
+    rest_send_timeout_seconds: float = field(
+        60.0, "a REST answer must be taken by the client within this long, else the connection "
+        "is closed (a client that sends requests but never reads would hold it forever)"
+    )
     rest_max_connections: int = field(
         512, "REST connections open at once; beyond, new ones get 503 and are closed"
     )
@@ -132,11 +136,24 @@ class ServeConfig:
             raise ConfigError("--max-request-bytes must be at least 1024")
         if self.max_tensor_bytes < 1024:
             raise ConfigError("--max-tensor-bytes must be at least 1024")
-        for name in ("rest_idle_timeout_seconds", "rest_body_timeout_seconds"):
+        for name in ("rest_idle_timeout_seconds", "rest_body_timeout_seconds", "rest_send_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.rest_max_connections < 1:
             raise ConfigError(f"--rest-max-connections must be >= 1, got {self.rest_max_connections}")
+        if self.rest_api_timeout_in_ms < 0:
+            # Negative, every REST request was answered 504 at once.
+            raise ConfigError(f"--rest-api-timeout-in-ms must be >= 0 (0 = none), got {self.rest_api_timeout_in_ms}")
+        if self.gil_switch_interval_ms <= 0:
+            raise ConfigError(f"--gil-switch-interval-ms must be > 0, got {self.gil_switch_interval_ms}")
+        for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+            # TensorFlow aborts the process (a C++ check, no Python error) on a negative count.
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = auto), got {getattr(self, name)}")
+        for name in ("max_num_load_retries", "load_retry_interval_seconds",
+                     "num_request_iterations_for_warmup", "model_config_file_poll_wait_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.shutdown_grace_seconds < 0:
             raise ConfigError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_seconds}")
         for name in ("model_threads", "batch_parallel_min_rows"):

@@ -246,3 +246,27 @@ def test_a_failed_link_update_keeps_the_build_and_the_old_link(tmp_path, monkeyp
     assert os.readlink(link) == "tflite/a"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mobile", "tflite"]
 
+
+
+# --- a damaged run folder -------------------------------------------------------------------
+
+@pytest.mark.parametrize("damaged, message", [
+    # Keras says "File not found" for a truncated .keras archive.
+    (contract.RUN_MODEL_FILE, "not a readable Keras model (not a .keras zip archive: truncated or damaged)"),
+    (contract.RUN_METRICS_FILE, "not a readable metrics file (Expecting"),
+    (contract.RUN_CONFIG_FILE, "not a readable training config (Expecting"),
+])
+def test_a_damaged_run_folder_is_one_line_naming_the_file(trained_run, tmp_path, capsys, damaged, message):
+    """Each of these ended in a traceback (JSONDecodeError, Keras' ValueError)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("tensorboard", "*.png"))
+    with open(run / damaged, "r+b") as fh:  # cut short, as by a full disk or a killed copy
+        fh.truncate(1)
+    status = pipeline.main(["--run", str(run), "--serving-base", str(tmp_path / "serving"),
+                            "--tflite-builds", str(tmp_path / "tflite"), "--mobile-dir", str(tmp_path / "mobile")])
+    err = capsys.readouterr().err.strip()
+    assert status == pipeline.EXIT_FAILED == 1
+    assert err.splitlines() == [err] and err.startswith(f"error: {run / damaged}: {message}"), err
+    assert not (tmp_path / "serving").exists() and not (tmp_path / "tflite").exists()

@@ -408,10 +408,11 @@ def test_each_pod_gets_a_tf_config_naming_every_pods_dns_name(training_objects):
 
 
 def _makefile_train_recipe() -> list[str]:
+    """The train target's recipe lines (continuation lines joined)."""
     text = (REPO / "Makefile").read_text()
     recipe = re.search(r"^train:.*\n((?:\t.*\n)+)", text, re.M)
     assert recipe, "no train: target in the Makefile"
-    return [line.strip() for line in recipe.group(1).splitlines()]
+    return [line.strip() for line in recipe.group(1).replace("\\\n\t", " ").splitlines()]
 
 
 def test_the_pods_run_what_make_train_runs(training_objects, tmp_path):
@@ -420,7 +421,9 @@ def test_the_pods_run_what_make_train_runs(training_objects, tmp_path):
     recipe = _makefile_train_recipe()
     modules = [re.search(r"-m (\S+)", line).group(1) for line in recipe]
     assert modules == ["model.train", "export"]
-    assert "--run artifacts/runs/latest" in recipe[1]  # the run model.train just wrote
+    # The run model.train just wrote, as it records it (tests/test_model.py runs the recipe).
+    record = re.search(r"--run-record (\S+)", recipe[0]).group(1)
+    assert f"cat {record}" in recipe[1] and '--run "$$run"' in recipe[1]
 
     _job, train, env = _train_container(training_objects)
     assert train["command"] == ["/bin/sh", "-c"]

@@ -84,6 +84,11 @@ def test_flags_override_fields_with_types():
         (["--strategy", "tpu"], "is not one of none, mirrored, multiworker"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir: no such directory"),
+        # NaN passes every range check written as a comparison (nan <= 0 is False): these
+        # were accepted, and NaN cannot be saved in config.json as JSON.
+        (["--learning-rate", "nan"], "argument --learning-rate: expected a finite number, got 'nan'"),
+        (["--cluster-timeout", "inf"], "argument --cluster-timeout: expected a finite number, got 'inf'"),
+        (["--max-rotation=-Infinity"], "argument --max-rotation: expected a finite number, got '-Infinity'"),
     ],
 )
 def test_bad_flags_exit_2_with_the_reason(argv, message, capsys):
@@ -111,8 +116,59 @@ def test_make_passes_args_through():
     ).stdout
     train_line = next(line for line in out.splitlines() if "-m model.train" in line)
     assert "--data-dir /data/mnist" in train_line and "--require-gpu" in train_line
-    assert train_line.rstrip().endswith("--seed 2 --epochs 3")
-    assert "-m export --run artifacts/runs/latest" in out  # make train ends by exporting
+    assert "--seed 2 --epochs 3 --run-record " in train_line
+    assert "-m export --run " in out  # make train ends by exporting
+
+
+@pytest.mark.parametrize("chief", [True, False])
+def test_make_train_exports_the_run_it_trained_on_the_chief_only(tmp_path, chief):
+    """make train exported artifacts/runs/latest whatever the training did: with
+    ARGS="--out /shared/runs" (the README's multi-worker command) it published an older run
+    as the new version, and every worker of a multi-worker run exported it. Now the export
+    gets the run model.train records, and a worker that records none does not export. Run
+    with a stand-in for python that records each call (no training here: tests/test_train.py
+    trains)."""
+    calls, run = tmp_path / "calls.txt", tmp_path / "elsewhere" / "20260101-000000-seed1"
+    shim = tmp_path / "python"
+    shim.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'if [ "$2" = model.train ]; then\n'
+        '  while [ $# -gt 0 ]; do [ "$1" = --run-record ] && record=$2; shift; done\n'
+        + (f'  echo {run} > "$record"\n' if chief else '  rm -f "$record"\n')
+        + "fi\n")
+    shim.chmod(0o755)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", "setup", "-o", "setup-tflite-runtime", "train", f"PY={shim}",
+         f"ARGS=--out {run.parent} --epochs 1", "EXPORT_ARGS=--no-tflite"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("-m model.train ") and f"--out {run.parent} --epochs 1" in lines[0]
+    if chief:
+        assert lines[1:] == [f"-m export --run {run} --no-tflite"]
+    else:
+        assert lines[1:] == [] and "not the chief worker: the chief exports the run" in done.stdout
+    record = lines[0].split("--run-record ")[1].split()[0]  # as the shell expanded it
+    assert ".train-run-$" not in record and not (REPO / record).exists(), "the record is left behind"
+
+
+@pytest.mark.parametrize("chief", [True, False])
+def test_the_run_record_names_the_chiefs_finished_run(tmp_path, monkeypatch, chief):
+    from model import train
+
+    run_dir = tmp_path / "runs" / "r1"
+    result = train.RunResult(run_dir=run_dir, metrics={"test_accuracy": 0.9, "test_loss": 0.3,
+                                                       "epochs_run": 1, "train_seconds": 1.0} if chief else {})
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config: result)
+    record = tmp_path / "record" / "run.txt"
+    record.parent.mkdir()
+    record.write_text("/a/stale/run\n")  # a previous make's: never exported again
+    assert train.main(["--run-record", str(record)]) == 0
+    if chief:
+        assert record.read_text() == f"{run_dir.resolve()}\n"
+    else:
+        assert not record.exists()
 
 
 def test_make_help_lists_every_target():

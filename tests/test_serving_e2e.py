@@ -307,6 +307,32 @@ def test_grpc_errors(server, images):
             assert stub.Predict(request(), timeout=30).model_spec.version.value == 2  # still answering
 
 
+def test_requests_of_zero_rows_are_answered_with_zero_rows(server):
+    """A batch of no pictures is a valid request: TensorFlow's own call of the signature
+    answers digit [0] and probabilities [0, 10]. The server left such a request queued until
+    its deadline (REST: 504 after 30 s; gRPC without a deadline: never answered)."""
+    import grpc
+    from tensorflow.core.framework import tensor_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving import tensor_proto
+
+    body = {"signature_name": contract.SIGNATURE_BYTES, "inputs": {contract.INPUT_BYTES: []}}
+    response = requests.post(predict_url(server), json=body, timeout=20)
+    assert response.status_code == 200, response.text
+    outputs = response.json()["outputs"]
+    assert {contract.OUTPUT_DIGIT, contract.OUTPUT_PROBABILITIES} <= set(outputs)
+    assert all(value == [] for value in outputs.values()), outputs
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "mnist", contract.SIGNATURE_BYTES
+    request.inputs[contract.INPUT_BYTES].CopyFrom(
+        tensor_proto.from_ndarray(np.array([], dtype=object), tensor_pb2.TensorProto))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=20)
+    assert [d.size for d in answer.outputs[contract.OUTPUT_PROBABILITIES].tensor_shape.dim] == [0, 10]
+    assert [d.size for d in answer.outputs[contract.OUTPUT_DIGIT].tensor_shape.dim] == [0]
+
+
 def test_grpc_deadline_ends_the_call_and_the_server_goes_on(server, images):
     import grpc
     from tensorflow.core.framework import tensor_pb2

@@ -8,12 +8,14 @@ each case) must stay far below what the hostile request asks for.
 
 The server here: mnist and the gate model (serving_fixtures), limits lowered where a test
 must reach them quickly
-(--rest-idle-timeout-seconds 2, --rest-body-timeout-seconds 2, --rest-max-connections 24);
+(--rest-idle-timeout-seconds 2, --rest-body-timeout-seconds 2, --rest-send-timeout-seconds 2,
+--rest-max-connections 24);
 --max-request-bytes (64 MiB) and --max-tensor-bytes (256 MiB) are the defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -38,7 +40,8 @@ def server(exported, tmp_path_factory):
 
     root = gate_models_root(tmp_path_factory.mktemp("hostile-models"), exported.model_dir)
     args = ["--model-config-file", str(root / "models.config"), "--rest-idle-timeout-seconds", "2",
-            "--rest-body-timeout-seconds", "2", "--rest-max-connections", str(MAX_CONNECTIONS)]
+            "--rest-body-timeout-seconds", "2", "--rest-send-timeout-seconds", "2",
+            "--rest-max-connections", str(MAX_CONNECTIONS)]
     with running_server(root, tmp_path_factory.mktemp("hostile"), args) as server:
         normal_request(server, json.dumps({"instances": [[[0] * 28] * 28]}).encode())  # warm
         yield server
@@ -227,6 +230,40 @@ def test_a_body_that_trickles_in_times_out(server, normal_body):
         assert json.loads(body)["error"] == "Request body not received within 2 s (--rest-body-timeout-seconds)"
         assert read_until_closed(sock) == b""
     normal_request(server, normal_body)
+
+
+def test_clients_that_never_read_their_answers_are_dropped(server, normal_body):
+    """Requests pipelined on every connection the cap allows, answers never read: aiohttp
+    waited without a limit for each client to take its answers, so these connections, and
+    the cap, were held for good (every other client got 503). Now a connection whose
+    answer is not taken within --rest-send-timeout-seconds is dropped; the test waits for
+    that to happen (the server hangs up) rather than for a time."""
+    import select
+
+    request = f"GET /v1/models/mnist/metadata HTTP/1.1\r\nHost: 127.0.0.1:{server.rest_port}\r\n\r\n".encode()
+    sockets = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few answers
+            sock.connect(("127.0.0.1", server.rest_port))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(10_000):  # until the server stops reading (its answers pile up)
+                    sock.send(request)
+            sockets.append(sock)
+        poller = select.poll()
+        for sock in sockets:
+            poller.register(sock, select.POLLHUP | select.POLLERR)  # not POLLIN: nothing is read
+        hung_up: set[int] = set()
+        deadline = time.monotonic() + 120  # bounds a failure only
+        while len(hung_up) < len(sockets) and time.monotonic() < deadline:
+            hung_up.update(fd for fd, _event in poller.poll(1000))
+        assert len(hung_up) == len(sockets), f"{len(sockets) - len(hung_up)} connections still held"
+    finally:
+        for sock in sockets:
+            sock.close()
+    normal_request(server, normal_body)  # room again
 
 
 # --------------------------------------------------------------------------------------------

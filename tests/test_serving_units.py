@@ -479,6 +479,21 @@ def test_batch_rows_checks_the_0th_dimension():
     assert err.value.message == "Batching Run() input tensors must have at least one dimension"
 
 
+@pytest.mark.parametrize("num_batch_threads", [1, 2])
+def test_a_task_of_zero_rows_is_run_not_left_waiting(num_batch_threads):
+    """A request of 0 rows (gRPC DT_STRING [0], REST {"inputs": []}) is valid: the model
+    answers 0 rows, as TF's own call of the signature does. It holds no rows, and the
+    queue once woke workers only for rows: the task waited for the next request, or until
+    the client's deadline (a 504 after 30 s; forever over gRPC without a deadline)."""
+    queue = batching.BatchQueue(lambda i, timeout=None: {"y": i["x"] * 2}, _params(num_batch_threads=num_batch_threads))
+    try:
+        assert queue.submit({"x": np.zeros((0, 3))}, 0).result(30)["y"].shape == (0, 3)
+        assert queue.submit({"x": np.ones((2, 3))}, 2).result(30)["y"].tolist() == [[2, 2, 2]] * 2
+        assert queue.submit({"x": np.zeros((0, 3))}, 0).result(30)["y"].shape == (0, 3)
+    finally:
+        queue.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Model manager (a stand-in loader: the version logic without TensorFlow)
 # --------------------------------------------------------------------------------------------
@@ -648,6 +663,27 @@ def test_query_flags_errors_exit_2(argv):
     assert err.value.code == 2
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["--modle", "mnist", "status"], "--modle"),  # its value was taken for the command
+    (["status", "--bogus=1"], "--bogus=1"),
+    (["-x", "predict", "a.png"], "-x"),
+])
+def test_query_names_the_unknown_flag(argv, named, capsys):
+    from serving import query
+
+    with pytest.raises(SystemExit) as err:
+        query.parse_args(argv)
+    assert err.value.code == 2
+    assert f"error: unrecognized arguments: {named}" in capsys.readouterr().err
+
+
+def test_query_takes_negative_numbers_and_dashes_as_values():
+    from serving import query
+
+    command, files, config = query.parse_args(["--version", "-1", "predict", "-", "--", "-odd.png"])
+    assert (command, files, config.version) == ("predict", ["-", "-odd.png"], -1)
+
+
 def test_docker_check_parses_versions():
     from serving import docker_check
 
@@ -747,6 +783,14 @@ def test_server_flags_out_of_range_are_refused():
         server.ServeConfig(batch_parallel_min_rows=0).validate()
     with pytest.raises(server.ConfigError, match="--event-loop must be one of uvloop, asyncio, got 'tornado'"):
         server.ServeConfig(event_loop="tornado").validate()
+    # Each was accepted: a negative REST timeout answered every request 504, a zero switch
+    # interval ended start-up in a traceback, a negative TF thread count in a C++ abort.
+    for flag, value in [("rest_api_timeout_in_ms", -5), ("gil_switch_interval_ms", 0.0),
+                        ("tensorflow_intra_op_parallelism", -3), ("tensorflow_inter_op_parallelism", -1),
+                        ("max_num_load_retries", -2), ("load_retry_interval_seconds", -1.0),
+                        ("num_request_iterations_for_warmup", -1), ("model_config_file_poll_wait_seconds", -1)]:
+        with pytest.raises(server.ConfigError, match=f"--{flag.replace('_', '-')} must be "):
+            server.ServeConfig(**{flag: value}).validate()
 
 
 def test_the_event_loop_flag_picks_the_loop():
