@@ -5,8 +5,9 @@
 Measures, on this machine:
 - the tf.data training pipeline alone (no model attached), with the default distortions and
   without: images/s per epoch, to compare with the training step's samples/s;
-- XLA and steps_per_execution: steps/s of the default model (no augmentation) for each
-  combination, so the `--jit-compile auto` choice rests on a measurement;
+- XLA and steps_per_execution: samples/s and CPU time per step of the default model (no
+  augmentation) for each combination, timed in interleaved rounds, so the `--jit-compile
+  auto` choice rests on a measurement;
 - Keras against PyTorch (opt-in: `make setup-torch`): the same MLP, AdamW, batch 128, no
   augmentation, in one run, epochs alternated (a PyTorch epoch, then a Keras epoch of
   `python -m model.train`'s own fit, callbacks and all), per-epoch samples/s and their ratio
@@ -59,6 +60,10 @@ class BenchTrainConfig:
     torch_python: Path = field(
         REPO / ".venv-torch" / "bin" / "python", "Python of the PyTorch environment (make setup-torch)"
     )
+    torch_omp_wait_policy: Literal["ACTIVE", "PASSIVE"] | None = field(
+        None, "OMP_WAIT_POLICY of the PyTorch worker; default: PyTorch's own (its threads spin "
+        "while they wait: fastest on an idle machine, very slow on a busy one)"
+    )
     out: Path = field(Path("artifacts/bench/train.json"), "JSON report")
     runs_dir: Path = field(Path("artifacts/bench/runs"), "where the benchmark's runs go")
     require_gpu: bool = field(False, "exit with status 3 when no GPU is usable")
@@ -88,43 +93,52 @@ def pipeline_throughput(train_split, config, epochs: int, augmentation) -> list[
     return rates
 
 
-def xla_comparison(train_split, config, steps: int) -> list[dict[str, Any]]:
-    """Steps/s of the default model with XLA off/on and steps_per_execution 1/default, on
-    undistorted batches (the step alone, not the pipeline)."""
+def xla_comparison(train_split, config, steps: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """Samples/s and CPU time per step of the default model (training step alone, no
+    distortions) with XLA off/on and steps_per_execution 1/default. All four are compiled
+    first, then timed in `rounds` interleaved rounds of `steps` steps (medians reported), so
+    a machine whose speed drifts cannot favour one of them."""
     import keras
 
     from model import data
     from model.train import build_compiled_model
 
-    results = []
+    variants = []
     for use_xla in (False, True):
         for spe in sorted({1, config.steps_per_execution}):
             keras.utils.set_random_seed(config.seed)
             ds = data.make_train_dataset(train_split, config.batch_size, config.seed,
                                          epochs=10**6, steps_per_epoch=-(-len(train_split) // config.batch_size))
             model = build_compiled_model(config, steps_per_epoch=steps, use_xla=use_xla, steps_per_execution=spe)
-            warm = max(spe, 32)
-            model.fit(ds, steps_per_epoch=warm, epochs=1, verbose=0, shuffle=False)  # compile first
+            model.fit(ds, steps_per_epoch=max(spe, 32), epochs=1, verbose=0, shuffle=False)  # compile
+            variants.append((use_xla, spe, model, ds, {"wall": [], "cpu": []}))
+    for _ in range(rounds):
+        for use_xla, spe, model, ds, times in variants:
             timed = max(spe, (steps // spe) * spe)  # whole calls, at least one
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             model.fit(ds, steps_per_epoch=timed, epochs=1, verbose=0, shuffle=False)
-            seconds = time.perf_counter() - start
-            results.append({
-                "xla": use_xla, "steps_per_execution": spe,
-                "ms_per_step": round(1000 * seconds / timed, 3),
-                "samples_per_second": round(timed * config.batch_size / seconds, 1),
-            })
-    return results
+            times["wall"].append((time.perf_counter() - start) / timed)
+            times["cpu"].append((time.process_time() - cpu) / timed)
+    return [{
+        "xla": use_xla, "steps_per_execution": spe,
+        "ms_per_step": round(1000 * statistics.median(times["wall"]), 3),
+        "cpu_ms_per_step": round(1000 * statistics.median(times["cpu"]), 3),
+        "samples_per_second": round(config.batch_size / statistics.median(times["wall"]), 1),
+    } for use_xla, spe, _model, _ds, times in variants]
 
 
 class TorchWorker:
     """model/torch_reference.py running in the PyTorch environment, one epoch per request."""
 
-    def __init__(self, python: Path, arrays_path: Path, threads: int, seed: int, batch_size: int):
+    def __init__(self, python: Path, arrays_path: Path, threads: int, seed: int, batch_size: int,
+                 omp_wait_policy: str | None = None):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = omp_wait_policy
         self.proc = subprocess.Popen(
             [str(python), "-m", "model.torch_reference", "--worker", "--data", str(arrays_path),
              "--threads", str(threads), "--seed", str(seed), "--batch-size", str(batch_size)],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.info = self._read()
@@ -190,7 +204,7 @@ def torch_comparison(config: "BenchTrainConfig", base, train_split, val_split, s
         from model.train import physical_cores
 
         threads = base.threads or physical_cores()
-        worker = TorchWorker(python, arrays, threads, base.seed, base.batch_size)
+        worker = TorchWorker(python, arrays, threads, base.seed, base.batch_size, config.torch_omp_wait_policy)
         torch_epochs: list[dict[str, Any]] = []
 
         class Alternate(keras.callbacks.Callback):
@@ -221,7 +235,7 @@ def torch_comparison(config: "BenchTrainConfig", base, train_split, val_split, s
     return {
         "model": "784-800-BN-ReLU-Dropout(0.2)-256-BN-ReLU-Dropout(0.2)-10, AdamW, batch "
                  f"{base.batch_size}, no augmentation",
-        "torch": worker.info,
+        "torch": {**worker.info, "omp_wait_policy": config.torch_omp_wait_policy or "default (unset)"},
         "keras": {"run_dir": str(result.run_dir), "threads": result.metrics["threads"],
                   "xla": result.metrics["xla"], "steps_per_execution": result.metrics["steps_per_execution"],
                   "images_per_epoch": keras_images, "val_accuracy": result.metrics["val_accuracy"]},

@@ -377,6 +377,9 @@ def make_train_dataset(
     labels = tf.constant(split.labels.astype(np.int32))  # int32 [N]
     length = steps_per_epoch * batch_size
     augment = augmentation is not None and augmentation.enabled
+    # XLA fuses the distortion's ~40 elementwise ops into a few loops: a third less CPU per
+    # batch than running them one by one (measured in a tf.data map, 3.5 vs 5.3 ms / 128).
+    distort_xla = tf.function(lambda batch, key: distort(batch, key, augmentation), jit_compile=True)
 
     def epoch_batches(epoch):
         order = tf.reshape(epoch_order(n, length, seed, epoch), [steps_per_epoch, batch_size])
@@ -389,7 +392,7 @@ def make_train_dataset(
             key = tf.random.experimental.stateless_fold_in(
                 tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), epoch), step
             )
-            batch = distort(batch, key, augmentation)
+            batch = distort_xla(batch, key)
         return batch, tf.gather(labels, index)
 
     ds = tf.data.Dataset.range(first_epoch, end).flat_map(epoch_batches)

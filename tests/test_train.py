@@ -70,10 +70,11 @@ def _train_cmd(out: Path, epochs: int, *extra: str) -> list[str]:
             "--no-augment", "--out", str(out), "--verbose", "epoch", *extra]
 
 
-def _history_rows(path: Path) -> int:
+def _backed_up_epochs(run_dir: Path) -> int:
+    """Epochs the run's backup has committed (its state.json, replaced atomically)."""
     try:
-        return max(0, len(path.read_text().strip().splitlines()) - 1)
-    except OSError:
+        return json.loads((run_dir / "backup" / "state.json").read_text())["epoch"]
+    except (OSError, ValueError):
         return 0
 
 
@@ -101,7 +102,7 @@ def test_killed_training_resumes_and_ends_with_the_uninterrupted_model(tmp_path)
         history = None
         while time.time() < deadline and proc.poll() is None:
             runs = [p for p in out.glob("*-seed3") if p.is_dir()] if out.exists() else []
-            if runs and _history_rows(runs[0] / "history.csv") >= 2:
+            if runs and _backed_up_epochs(runs[0]) >= 2:  # epoch 2's backup is committed
                 history = runs[0] / "history.csv"
                 break
             time.sleep(0.05)
@@ -109,8 +110,8 @@ def test_killed_training_resumes_and_ends_with_the_uninterrupted_model(tmp_path)
         os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: like a power cut
         proc.wait()
         run_dir = history.parent
-        killed_after = _history_rows(history)
-        assert killed_after < epochs and (run_dir / ".unfinished").exists()
+        killed_after = _backed_up_epochs(run_dir)
+        assert 2 <= killed_after < epochs and (run_dir / ".unfinished").exists()
         assert not (run_dir / contract.RUN_METRICS_FILE).exists()
 
         again = subprocess.run(_train_cmd(out, epochs, *RESUME_ARGS), cwd=REPO, env=python_env(),
@@ -125,7 +126,7 @@ def test_killed_training_resumes_and_ends_with_the_uninterrupted_model(tmp_path)
                 p.communicate()
     assert f"Resuming {run_dir}" in again.stdout
     resumed_epoch = int(again.stdout.split("after epoch ")[1].split(" ")[0].rstrip("."))
-    assert 2 <= resumed_epoch <= killed_after  # from the last finished epoch, not from zero
+    assert resumed_epoch == killed_after  # from the last backed-up epoch, not from zero
     assert f"Epoch {resumed_epoch + 1}/{epochs}" in again.stdout
     assert "Epoch 1/" not in again.stdout
     rows = evaluate.read_history(history)
