@@ -20,6 +20,9 @@ RUN ?= artifacts/runs/latest
 EXPORT_ARGS ?=
 REST_PORT ?= 8501
 GRPC_PORT ?= 8500
+# The address both servers listen on (the container's published ports, the local server's
+# --host): this machine only by default; BIND_ADDRESS=0.0.0.0 exposes them on every interface.
+BIND_ADDRESS ?= 127.0.0.1
 MODEL_BASE ?= artifacts/serving
 TEST_ARGS ?=
 
@@ -36,7 +39,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables: DATA_DIR=<IDX folder>  REQUIRE_GPU=1  ARGS=\"--flag value ...\"  RUN=<run folder>"
-	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) MODEL_BASE=$(MODEL_BASE)"
+	@echo "           REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) BIND_ADDRESS=$(BIND_ADDRESS) MODEL_BASE=$(MODEL_BASE) DEMO_PORT=$(DEMO_PORT)"
 
 # ---------------------------------------------------------------------------------------------
 # Environments
@@ -119,6 +122,10 @@ bench: ## Every benchmark: bench-train, bench-export, bench-serve, bench-mobile 
 bench-train: setup ## Benchmark training: accuracy and ECE per seed, train time, tf.data vs step throughput, Keras vs PyTorch if make setup-torch ran (JSON)
 	$(PY) -m model.bench $(TRAIN_FLAGS) --torch-python $(VENV_TORCH)/bin/python $(ARGS)
 
+.PHONY: bench-multiworker
+bench-multiworker: setup ## 2 workers (--strategy multiworker, localhost) vs 1, same global batch, per seed: accuracy, time (JSON)
+	$(PY) -m model.bench_multiworker $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
 # ---------------------------------------------------------------------------------------------
 # Test
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +162,7 @@ GPU ?=
 SERVE_STATE := artifacts/serving-local
 # `docker compose`, else the standalone binary from make setup-compose (evaluated on use).
 COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo docker compose || { test -x $(COMPOSE_TOOL) && echo $(COMPOSE_TOOL); } || echo docker compose) -f serving/compose.yaml
-COMPOSE_ENV := MODEL_BASE=$(abspath $(MODEL_BASE)) REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) TF_SERVING_TAG=$(TF_SERVING_TAG)
+COMPOSE_ENV := MODEL_BASE=$(abspath $(MODEL_BASE)) REST_PORT=$(REST_PORT) GRPC_PORT=$(GRPC_PORT) BIND_ADDRESS=$(BIND_ADDRESS) TF_SERVING_TAG=$(TF_SERVING_TAG)
 USE_GPU := $(filter 1 true yes,$(GPU))
 
 .PHONY: serve serve-docker serve-local serve-stop query bench-serve
@@ -173,8 +180,8 @@ serve-docker: setup setup-compose ## TF Serving container in the foreground (TF_
 	$(PY) -m serving.docker_check --image tensorflow/serving:$(TF_SERVING_TAG)$(if $(USE_GPU),-gpu) --models-root $(MODEL_BASE)
 	$(COMPOSE_ENV) $(COMPOSE) $(if $(USE_GPU),--profile gpu up tfserving-gpu,up tfserving)
 
-serve-local: setup ## Local TF Serving stand-in in the foreground until Ctrl-C/SIGTERM (REST_PORT, GRPC_PORT, MODEL_BASE)
-	$(PY) -m serving.server --models-root $(MODEL_BASE) --rest-api-port $(REST_PORT) --port $(GRPC_PORT) --state-dir $(SERVE_STATE) $(ARGS)
+serve-local: setup ## Local TF Serving stand-in in the foreground until Ctrl-C/SIGTERM (REST_PORT, GRPC_PORT, BIND_ADDRESS, MODEL_BASE)
+	$(PY) -m serving.server --models-root $(MODEL_BASE) --host $(BIND_ADDRESS) --rest-api-port $(REST_PORT) --port $(GRPC_PORT) --state-dir $(SERVE_STATE) $(ARGS)
 
 serve-stop: ## Stop what make serve started: the local server (SIGTERM via its pid file) and the container
 	@pidfile=$(SERVE_STATE)/server.pid; \
@@ -196,6 +203,31 @@ query: setup ## Ask the server: make query ARGS="status|metadata|predict FILE...
 
 bench-serve: setup ## Benchmark the local server (REST/gRPC, batch 1/64, 1/8/32 clients) -> artifacts/bench/serve.json
 	$(PY) -m serving.bench --model-base $(MODEL_BASE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# The web page (issue 14)
+# ---------------------------------------------------------------------------------------------
+# make demo: the model server as make serve starts it, with CORS on, plus the page in
+# serving/web/ on 127.0.0.1:DEMO_PORT. DEMO_BACKEND=auto|docker|local|none (none: only the
+# page, for a TF Serving that already runs with CORS: ARGS="--server-url http://host:8501").
+DEMO_PORT ?= 8080
+DEMO_BACKEND ?= auto
+
+.PHONY: demo setup-browser
+demo: setup ## Web page: draw/upload/photograph a digit, see TF Serving's answer (server as make serve, CORS on; Ctrl-C stops both)
+	@if [ "$(DEMO_BACKEND)" != none ] && ! ls $(MODEL_BASE)/mnist 2>/dev/null | grep -qE '^[0-9]+$$'; then \
+	  if [ "$(MODEL_BASE)" = artifacts/serving ]; then \
+	    echo "demo: no model in $(MODEL_BASE)/mnist yet: training one first (make train)"; \
+	    $(MAKE) --no-print-directory train || exit $$?; \
+	  else echo "error: no model version in $(MODEL_BASE)/mnist (make train publishes to artifacts/serving)" >&2; exit 1; fi; \
+	fi
+	$(PY) -m serving.demo --backend $(DEMO_BACKEND) --page-port $(DEMO_PORT) --rest-port $(REST_PORT) \
+	  --grpc-port $(GRPC_PORT) --models-root $(MODEL_BASE) --state-dir $(SERVE_STATE) $(ARGS)
+
+setup-browser: ## Debian's Chromium for the browser tests (.ci/install-browser, as root or through sudo)
+	@if [ -x /usr/bin/chromium ]; then echo "setup-browser: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then .ci/install-browser; \
+	else sudo .ci/install-browser; fi
 
 # ---------------------------------------------------------------------------------------------
 # Raspberry Pi (issue 5)

@@ -20,7 +20,14 @@ import numpy as np
 from model import configlib, contract
 from model.configlib import ConfigError, field
 
+# Exit statuses of `python -m export` (README, "Export"): 0 everything was published; 1 the
+# export failed and nothing new was published (a bad run, bad data, a full disk: the one
+# `error:` line says which file and why); 2 bad flags; 4 the quality gate refused the model.
+EXIT_FAILED = 1
 EXIT_GATE_REFUSED = 4  # distinct: a script can tell "model not good enough" from a failure
+# The SavedModel version was published complete (TF Serving loads it), then the TFLite stage
+# failed: the new version serves, but there is no new TFLite build for the devices.
+EXIT_PARTIAL = 5
 
 
 @dataclass(frozen=True)
@@ -95,11 +102,16 @@ def load_run_data(config: ExportConfig) -> RunData:
     )
 
 
+class PartialExport(RuntimeError):
+    """The SavedModel version was published complete, then the TFLite stage failed."""
+
+
 def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Gate, publish the SavedModel, build the TFLite files. Returns a summary dict.
 
-    Raises saved_model.GateRefused (nothing published), saved_model.ExportError,
-    tflite.TFLiteError.
+    Raises saved_model.GateRefused (nothing published), saved_model.ExportError or
+    tflite.TFLiteError (nothing new published), PartialExport (the SavedModel version was
+    published, the TFLite build failed; its message says both).
     """
     import time
 
@@ -130,29 +142,64 @@ def export_run(config: ExportConfig, log: Callable[[str], None] = print) -> dict
         seconds["saved_model"] = round(time.perf_counter() - stage, 2)
     if config.tflite:
         stage = time.perf_counter()
-        builds = Path(config.tflite_builds)
-        name = run_dir.name
-        out_dir, n = builds / name, 1
-        while out_dir.exists() or out_dir.is_symlink():
-            n += 1
-            out_dir = builds / f"{name}-{n}"
-        python = config.tflite_runtime_python
-        if python is not None and not Path(python).exists():
-            log(f"Note: {python} not found; skipping the tflite-runtime check (make setup-tflite-runtime)")
-        result = tflite.export_tflite(
-            model, out_dir, run_data.test_images, run_data.test_labels,
-            run_data.calibration_images, run_name=str(run_dir), tflite_runtime_python=python,
-            latency_runs=config.latency_runs, log=log,
-        )
-        configlib.save_config(config, out_dir / "export_config.json")
-        tflite.point_link_at(Path(config.mobile_dir), out_dir)
-        summary["tflite"] = {"directory": str(out_dir), "report": result.report}
+        try:
+            result = _export_tflite_stage(config, model, run_data, run_dir, log)
+        except Exception as err:
+            published = summary.get("saved_model")
+            if published is None or not _is_export_failure(err):
+                raise
+            raise PartialExport(
+                f"SavedModel version {published['version']} was published complete at {published['path']} "
+                f"(TF Serving loads it), but the TFLite export failed: {_message(err)}"
+            ) from err
+        summary["tflite"] = {"directory": str(result.directory), "report": result.report}
         seconds["tflite"] = round(time.perf_counter() - stage, 2)
         _log_tflite(result.report, Path(config.mobile_dir), log)
     seconds["total"] = round(time.perf_counter() - started, 2)
     summary["seconds"] = seconds
     log(f"Export finished in {seconds['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')})")
     return summary
+
+
+def _export_tflite_stage(config: ExportConfig, model, run_data: RunData, run_dir: Path, log):
+    from export import tflite
+
+    builds = Path(config.tflite_builds)
+    name = run_dir.name
+    out_dir, n = builds / name, 1
+    while out_dir.exists() or out_dir.is_symlink():
+        n += 1
+        out_dir = builds / f"{name}-{n}"
+    python = config.tflite_runtime_python
+    if python is not None and not Path(python).exists():
+        log(f"Note: {python} not found; skipping the tflite-runtime check (make setup-tflite-runtime)")
+    result = tflite.export_tflite(
+        model, out_dir, run_data.test_images, run_data.test_labels,
+        run_data.calibration_images, run_name=str(run_dir), tflite_runtime_python=python,
+        latency_runs=config.latency_runs,
+        before_rename=lambda tmp: configlib.save_config(config, tmp / "export_config.json"),
+        log=log,
+    )
+    tflite.point_link_at(Path(config.mobile_dir), out_dir)
+    return result
+
+
+def _is_export_failure(err: BaseException) -> bool:
+    """An error the export reports in one line (as opposed to a bug, which keeps its traceback)."""
+    from export import saved_model, tflite
+    from model import data, idx
+
+    known = (saved_model.ExportError, tflite.TFLiteError, data.DataError, idx.IdxError, ConfigError)
+    return isinstance(err, known) or configlib.write_failure(err) is not None
+
+
+def _message(err: BaseException) -> str:
+    """Our errors' own message; for an OSError or TensorFlow error, the file and the cause."""
+    from export import saved_model, tflite
+
+    if isinstance(err, (saved_model.ExportError, tflite.TFLiteError)):
+        return str(err)
+    return configlib.write_failure(err) or str(err)
 
 
 def configlib_load_json(path: Path) -> dict[str, Any]:
@@ -173,8 +220,8 @@ def _log_tflite(report: dict[str, Any], mobile_dir: Path, log: Callable[[str], N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export import saved_model, tflite
-    from model import data, idx
+    """`python -m export`: the exit statuses are EXIT_* above; failures print one `error:` line."""
+    from export import saved_model
 
     config = configlib.parse_config(ExportConfig, argv, prog="python -m export")
     try:
@@ -182,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     except saved_model.GateRefused as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_GATE_REFUSED
-    except (saved_model.ExportError, tflite.TFLiteError, data.DataError, idx.IdxError, ConfigError) as err:
+    except PartialExport as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_PARTIAL
+    except Exception as err:
+        if not _is_export_failure(err):
+            raise
+        print(f"error: {_message(err)}", file=sys.stderr)
+        return EXIT_FAILED
     return 0

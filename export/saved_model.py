@@ -16,7 +16,9 @@ Signatures (names from model/contract.py):
 Publishing is atomic: TF Serving polls the base path every second and would try to load a
 half-written folder, so the SavedModel is written and verified under a non-numeric temporary
 name in the same folder, then renamed to its version number. Versions only grow (a high-water
-mark survives deleted versions) and an existing version is never touched.
+mark survives deleted versions) and an existing version is never touched. A failed write (a
+full disk, a quota, a read-only folder) removes the temporary folder and raises ExportError
+naming the file and the cause; once renamed, a version is complete.
 """
 
 from __future__ import annotations
@@ -91,33 +93,27 @@ def publish_lock(model_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under root to disk before the rename makes it visible."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush one file or folder to disk; an OSError names `path`."""
+    with configlib.naming_file(path):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under root to disk before the rename makes it visible."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
 def remove_stale_temporaries(model_dir: Path) -> list[Path]:
     """Delete temporary export folders whose writer process is gone (a crash or kill)."""
-    removed = []
-    if not model_dir.is_dir():
-        return removed
-    for path in model_dir.iterdir():
-        match = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-.*", path.name)
-        if match and not configlib.pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    return configlib.remove_leftovers(model_dir, re.escape(TMP_PREFIX) + r"(?P<pid>\d+)-.*")
 
 
 def publish(
@@ -125,18 +121,24 @@ def publish(
     write: Callable[[Path], None],
     version: int | None = None,
     before_rename: Callable[[Path], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[int, Path]:
     """Write a SavedModel with `write(tmp_dir)`, then atomically rename it to its version.
 
     `before_rename(tmp_dir)` runs after writing (verification hooks; tests inject failures
-    there). Any exception removes the temporary folder and publishes nothing. Returns
-    (version, final path).
+    there). Any exception removes the temporary folder and publishes nothing; a failed file
+    operation (a full disk, a quota, a read-only or unwritable folder) becomes an ExportError
+    whose one line names the file and the cause. The high-water mark is written before the
+    rename, so the rename is the last step that can fail: once the version folder is visible
+    it is complete, and only the folder's final flush remains (a failure there is logged:
+    the version is published). Returns (version, final path).
     """
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(model_dir)
     tmp = model_dir / f"{TMP_PREFIX}{os.getpid()}-{int(time.time() * 1000)}"
     try:
+        with configlib.naming_file(model_dir):
+            model_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(model_dir)
         write(tmp)
         if before_rename is not None:
             before_rename(tmp)
@@ -153,19 +155,36 @@ def publish(
                     f"version {number} is not above the highest version ever published here "
                     f"({next_version(model_dir) - 1}): versions only grow"
                 )
-            os.rename(tmp, final)  # atomic on one filesystem
-            mark_tmp = model_dir / f".{HIGH_WATER_FILE}.tmp"
-            mark_tmp.write_text(f"{number}\n")
-            os.replace(mark_tmp, model_dir / HIGH_WATER_FILE)
-            dir_fd = os.open(model_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException:
+            # The mark first: if the rename then fails, a number is skipped, which is harmless.
+            _write_high_water_mark(model_dir, number)
+            with configlib.naming_file(final):
+                os.rename(tmp, final)  # atomic on one filesystem
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = configlib.write_failure(err)
+        if failure is not None and not isinstance(err, ExportError):
+            raise ExportError(
+                f"writing the new version under {model_dir} failed: {failure}; nothing was published"
+            ) from err
         raise
+    try:
+        fsync_path(model_dir)  # makes the rename itself durable
+    except OSError as err:
+        log(f"warning: version {number} is published at {final}, but flushing {model_dir} to disk failed "
+            f"({configlib.write_failure(err)}): a power cut now could lose the rename")
     return number, final
+
+
+def _write_high_water_mark(model_dir: Path, number: int) -> None:
+    mark, mark_tmp = model_dir / HIGH_WATER_FILE, model_dir / f".{HIGH_WATER_FILE}.tmp"
+    try:
+        with configlib.naming_file(mark):
+            mark_tmp.write_text(f"{number}\n")
+            fsync_path(mark_tmp)
+            os.replace(mark_tmp, mark)
+    except BaseException:
+        mark_tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,10 +301,11 @@ def write_warmup(path: Path, model_name: str = contract.MODEL_NAME) -> int:
         records.append(request(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS, warmup_images(batch)))
     png = encode_png(warmup_images(1)[0])
     records.append(request(contract.SIGNATURE_BYTES, contract.INPUT_BYTES, np.array([png], dtype=object)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for record in records:
-            writer.write(record.SerializeToString())
+    with configlib.naming_file(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for record in records:
+                writer.write(record.SerializeToString())
     return len(records)
 
 
@@ -401,7 +421,8 @@ def verify_with_cli(saved_model_dir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         # --input_exprs only takes Python literals now; a .npy file carries the uint8 batch.
         npy = Path(scratch) / "image.npy"
-        np.save(npy, warmup_images(2))
+        with configlib.naming_file(npy):
+            np.save(npy, warmup_images(2))
         ran = saved_model_cli(
             "run", "--dir", str(saved_model_dir), "--tag_set", "serve",
             "--signature_def", contract.SIGNATURE_PIXELS,
@@ -542,7 +563,7 @@ def export_saved_model(
         if before_rename is not None:
             before_rename(tmp)
 
-    number, final = publish(model_dir, write, version=version, before_rename=verify)
+    number, final = publish(model_dir, write, version=version, before_rename=verify, log=log)
     log(
         f"Published SavedModel version {number} at {final} (test accuracy {candidate:.4f}; "
         f"parity max diff {checks['parity']['max_abs_diff']:.1e} on {n} images)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -148,6 +149,8 @@ def convert(saved_model_dir: Path, variant: str, calibration_images: np.ndarray 
             warnings.simplefilter("ignore", UserWarning)
             return converter.convert()
     except Exception as err:
+        if configlib.write_failure(err) is not None:
+            raise  # a full disk is not a conversion problem: export_tflite names the file
         raise TFLiteError(f"{variant}: conversion failed: {err}") from err
 
 
@@ -211,7 +214,8 @@ def probe_runtime(
         return {"error": f"{python} not found (make setup-tflite-runtime creates it)"}
     with tempfile.TemporaryDirectory() as scratch:
         npy = Path(scratch) / "images.npy"
-        np.save(npy, images)
+        with configlib.naming_file(npy):
+            np.save(npy, images)
         proc = subprocess.run(
             [str(python), str(PROBE_SCRIPT), "--images", str(npy), "--latency-runs", str(latency_runs),
              *map(str, models)],
@@ -276,7 +280,8 @@ def write_report_markdown(report: dict[str, Any], path: Path) -> None:
         "is too slow there, ship dynamic.tflite (make pi-bundle PI_MODEL=artifacts/mobile/dynamic.tflite).",
         "",
     ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    with configlib.naming_file(path):
+        path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def _fmt(value: float | None) -> str:
@@ -303,8 +308,11 @@ def plot_size_accuracy(report: dict[str, Any], path: Path) -> None:
     ax_acc.set_title("test accuracy (%)")
     ax_acc.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with configlib.naming_file(path):
+            fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,9 +335,14 @@ def export_tflite(
     tflite_runtime_python: Path | None,
     latency_runs: int = 2000,
     variants: Sequence[str] = VARIANTS,
+    before_rename: Callable[[Path], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> TFLiteResult:
     """Convert, evaluate and report every variant into `out_dir` (a new folder).
+
+    Everything is built in a temporary folder beside it (`.<name>.tmp-<pid>`, with the
+    conversion SavedModel inside) and renamed at the end, so `out_dir` appears complete or
+    not at all. Temporary folders that killed exports left beside it are removed first.
 
     Args:
       model: the trained keras.Model.
@@ -338,6 +351,9 @@ def export_tflite(
       test_images, test_labels: the whole test set (uint8 [N, 28, 28], int [N]).
       calibration_images: uint8 [M, 28, 28] training images for int8 calibration.
       tflite_runtime_python: the Python of tflite-runtime's venv (None: not checked).
+      before_rename: called with the temporary folder just before the rename (to add files).
+    Raises TFLiteError; a failed file operation (a full disk, a quota, a read-only folder)
+    becomes one whose one line names the file and the cause.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -347,14 +363,19 @@ def export_tflite(
     keras_digits = keras_probs.argmax(axis=1)
     keras_accuracy = float((keras_digits == test_labels).mean())
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = build_tmp_path(out_dir, os.getpid())
     try:
-        with tempfile.TemporaryDirectory() as scratch:
-            conversion_dir = write_conversion_saved_model(model, Path(scratch) / "saved_model")
-            for variant in variants:
-                (tmp / f"{variant}.tflite").write_bytes(convert(conversion_dir, variant, calibration_images))
+        remove_stale_builds(out_dir.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        with configlib.naming_file(tmp):
+            tmp.mkdir(parents=True)
+        # In the temporary folder, not in /tmp: what a killed export leaves is found and removed.
+        conversion_dir = write_conversion_saved_model(model, tmp / CONVERSION_DIR)
+        for variant in variants:
+            flatbuffer = convert(conversion_dir, variant, calibration_images)
+            with configlib.naming_file(tmp / f"{variant}.tflite"):
+                (tmp / f"{variant}.tflite").write_bytes(flatbuffer)
+        shutil.rmtree(conversion_dir)
         log(f"Converted {len(variants)} TFLite variants in {time.perf_counter() - start:.1f} s")
 
         records = []
@@ -415,17 +436,39 @@ def export_tflite(
             "variants": records,
         }
         report["recommended"] = choose_recommended(records)
-        shutil.copyfile(tmp / f"{report['recommended']}.tflite", tmp / RECOMMENDED_FILE)
-        (tmp / contract.LABELS_FILE).write_text("\n".join(contract.LABELS) + "\n", encoding="utf-8")
+        with configlib.naming_file(tmp / RECOMMENDED_FILE):
+            shutil.copyfile(tmp / f"{report['recommended']}.tflite", tmp / RECOMMENDED_FILE)
+        with configlib.naming_file(tmp / contract.LABELS_FILE):
+            (tmp / contract.LABELS_FILE).write_text("\n".join(contract.LABELS) + "\n", encoding="utf-8")
         report["seconds"] = round(time.perf_counter() - start, 1)
         configlib.write_json_atomic(tmp / contract.MOBILE_REPORT_FILE, report)
         write_report_markdown(report, tmp / "report.md")
         plot_size_accuracy(report, tmp / "size_accuracy.png")
-        os.rename(tmp, out_dir)
-    except BaseException:
+        if before_rename is not None:
+            before_rename(tmp)
+        with configlib.naming_file(out_dir):
+            os.rename(tmp, out_dir)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = configlib.write_failure(err)
+        if failure is not None and not isinstance(err, TFLiteError):
+            raise TFLiteError(f"writing the TFLite build {out_dir} failed: {failure}; no TFLite build was made") from err
         raise
     return TFLiteResult(out_dir, report)
+
+
+TMP_INFIX = ".tmp-"  # `.<build>.tmp-<pid>`: a build being written
+CONVERSION_DIR = ".conversion-saved-model"  # inside it, removed before the rename
+
+
+def build_tmp_path(out_dir: Path, pid: int) -> Path:
+    """Where process `pid` writes the build `out_dir` until it is complete."""
+    return out_dir.with_name(f".{out_dir.name}{TMP_INFIX}{pid}")
+
+
+def remove_stale_builds(builds: Path) -> list[Path]:
+    """Remove the temporary build folders of exports that were killed (their pid is gone)."""
+    return configlib.remove_leftovers(builds, r"\..+" + re.escape(TMP_INFIX) + r"(?P<pid>\d+)")
 
 
 def _package_version(dist: str) -> str | None:
@@ -438,12 +481,24 @@ def _package_version(dist: str) -> str | None:
 
 
 def point_link_at(link: Path, target: Path) -> None:
-    """Atomically make `link` a relative symlink to `target` (e.g. artifacts/mobile)."""
+    """Atomically make `link` a relative symlink to `target` (e.g. artifacts/mobile).
+
+    Raises TFLiteError when `link` is a real file or folder, or when the link cannot be
+    written (the message names the file and the cause; `link` is left as it was).
+    """
     link = Path(link)
     if link.exists() and not link.is_symlink():
         raise TFLiteError(f"{link} exists and is not a symlink; move it away first")
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
+    configlib.remove_leftovers(link.parent, re.escape(f".{link.name}{TMP_INFIX}") + r"(?P<pid>\d+)")
+    tmp = link.with_name(f".{link.name}{TMP_INFIX}{os.getpid()}")
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        with configlib.naming_file(tmp):
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+        with configlib.naming_file(link):
+            os.replace(tmp, link)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        before = f"still points at {os.readlink(link)}" if link.is_symlink() else "was not made"
+        raise TFLiteError(f"cannot point {link} at {target}: {configlib.write_failure(err)}; {link} {before}") from err

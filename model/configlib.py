@@ -13,13 +13,17 @@ TensorFlow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
+import shutil
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 C = TypeVar("C")
 
@@ -113,7 +117,8 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f.metadata.get("help", "") + f" (default: {_show_default(f.default)})",
+            # argparse %-formats help texts: a literal '%' (in a help or a default) is '%%'.
+            "help": (f.metadata.get("help", "") + f" (default: {_show_default(f.default)})").replace("%", "%%"),
         }
         if tp is bool and not optional:
             # --flag / --no-flag, the usual shape for switches.
@@ -176,16 +181,105 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    """Write JSON through a temporary file and a rename: readers never see half a file.
+
+    A failed write (a full disk...) removes the temporary file and raises the OSError with
+    `path` as its filename (see write_failure).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with naming_file(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Failed writes: one line naming the file and the cause
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def naming_file(path: Path) -> Iterator[None]:
+    """Give an OSError raised in the block `path` as its filename when it names none.
+
+    The kernel reports a failed write() or fsync() with an errno only ("[Errno 28] No space
+    left on device"); only open() names the file. Wrap each write in this so the error can.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            err.filename = str(path)
+        raise
+
+
+# TensorFlow's file systems end their messages with strerror(errno) after the file:
+# "<file>; No space left on device" (tsl/platform/errors.h IOError); the errno's name is
+# found back from that text.
+_STRERROR_NAMES = {os.strerror(code): name for code, name in sorted(errno.errorcode.items(), reverse=True)}
+_TF_DECORATIONS = re.compile(r"^\s*\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]\s*$")  # "{{function_node ...}}", "[Op:SaveV2]"
+_H5PY_FILE = re.compile(r"filename = '(?P<file>[^']+)'")
+
+
+def write_failure(err: BaseException) -> str | None:
+    """`"<file>: <cause> (<ERRNO>)"` when `err` is a failed file operation, else None.
+
+    Understands OSError (its filename, or the one naming_file() gave it; h5py's OSErrors name
+    the file in their message), and TensorFlow's file-system errors, whose message ends in
+    "<file>; <strerror>" (e.g. ResourceExhaustedError "...; No space left on device
+    [Op:SaveV2]"). Connection and timeout errors are not file operations: None. Entry points
+    print the result as one `error:` line instead of a traceback.
+    """
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return None
+    if isinstance(err, OSError) and err.errno is not None:
+        name = errno.errorcode.get(err.errno, str(err.errno))
+        cause = os.strerror(err.errno)  # h5py's strerror is a paragraph; the errno says it all
+        file = err.filename
+        if file is None:
+            match = _H5PY_FILE.search(str(err))
+            file = match.group("file") if match else None
+        return f"{file}: {cause} ({name})" if file is not None else f"{cause} ({name})"
+    if type(err).__module__.startswith("tensorflow"):
+        message = str(getattr(err, "message", "") or err).strip()
+        for line in reversed(message.splitlines()):
+            line = _TF_DECORATIONS.sub("", line)
+            for cause in sorted(_STRERROR_NAMES, key=len, reverse=True):
+                if line.endswith(cause) and "/" in line[: -len(cause)]:
+                    context = line[: -len(cause)].rstrip(" ;:")
+                    return f"{context}: {cause} ({_STRERROR_NAMES[cause]})"
+    return None
+
+
+def remove_leftovers(folder: Path, pattern: str) -> list[Path]:
+    """Delete what killed writers left in `folder`: the entries whose whole name matches the
+    regular expression `pattern`, whose group `pid` names a process that is gone.
+
+    Temporary files and folders here are named after their writer's pid (e.g.
+    `.tmp-export-<pid>-<ms>`): a live writer's are kept, a dead one's can only be leftovers.
+    Returns the paths removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = re.fullmatch(pattern, path.name)
+        if match and not pid_alive(int(match.group("pid"))):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def pid_alive(pid: int) -> bool:

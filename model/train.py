@@ -17,6 +17,10 @@
  5. Evaluate on the test set; write metrics, plots and the model into the run folder, and point
     `<out>/latest` at it.
 
+With --strategy multiworker one process runs per worker (TF_CONFIG: model/cluster.py); they
+train one model with MultiWorkerMirroredStrategy (model/distributed.py), each on its shard of
+the data, and only the chief writes the run folder, which must be on storage they all share.
+
 Run folder `<out>/<run-id>/`: model.keras, config.json, gpu_report.json, history.csv,
 metrics.json, training_curves.png, confusion_matrix.png, reliability.png, tensorboard/.
 """
@@ -31,11 +35,12 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
-from model import configlib, contract
+from model import cluster, configlib, contract
 from model.configlib import ConfigError, field
 
 EXIT_INTERRUPTED = 130  # like a shell's exit status after Ctrl-C
@@ -87,6 +92,9 @@ class TrainConfig:
     cpu_devices: int = field(
         1, "split the CPU into N logical devices (lets --strategy mirrored run without GPUs)"
     )
+    cluster_timeout: float = field(
+        120.0, "multiworker: seconds to wait for every worker to join (and answer) before failing"
+    )
     jit_compile: Literal["auto", "on", "off"] = field(
         "auto", "XLA-compiled training step: auto = on (off under --strategy with several replicas on the CPU)"
     )
@@ -113,6 +121,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.cluster_timeout <= 0:
+            raise ConfigError(f"--cluster-timeout must be > 0 seconds, got {self.cluster_timeout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if (self.patience or 0) < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
@@ -151,7 +161,7 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that define what a run computes (used to decide whether to resume)."""
         data = configlib.to_jsonable(self)
-        for key in ("run_name", "resume", "verbose", "require_gpu", "out"):
+        for key in ("run_name", "resume", "verbose", "require_gpu", "out", "cluster_timeout"):
             data.pop(key, None)
         return data
 
@@ -226,9 +236,14 @@ def read_backup_state(backup_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # written atomically, so this is not our file
-        raise ConfigError(f"{path} is unreadable ({err}); start over with --no-resume") from err
+        raise ConfigError(f"{path} is unreadable ({err}); start over with --no-resume") from None
+    for key in ("weights", "best_weights"):
+        if state.get(key) and not (Path(backup_dir) / state[key]).is_file():
+            raise ConfigError(f"{path} names {state[key]}, which is missing (a worker that cannot see "
+                              "the run folder?); start over with --no-resume")
+    return state
 
 
 def _callbacks_module():
@@ -287,14 +302,21 @@ def _callbacks_module():
         states, and makes the epoch wait for h5py (0.1-0.5 s a save, measured here). Here the
         epoch only copies the values (~10 MB of numpy arrays); a thread writes them to a new
         file, syncs it, then commits by atomically replacing `state.json`, which names it. A
-        kill at any point leaves the previous commit intact. Write errors surface at the next
-        epoch's end or at the end of training.
+        kill at any point leaves the previous commit intact. A write error (an OSError naming
+        the file, see configlib.write_failure) is raised at the next epoch's end, at the end
+        of training, or by `finish()`.
+
+        Several workers (MultiWorkerMirroredStrategy): every worker restores from the same
+        `backup_dir` (the run folder on shared storage), so all start from the same epoch,
+        weights, optimizer and RNG states; only the `writer` (the chief) writes, so workers
+        never race on a file. The others keep the history rows in memory only.
         """
 
-        def __init__(self, backup_dir: Path, early_stopping: ResumableEarlyStopping):
+        def __init__(self, backup_dir: Path, early_stopping: ResumableEarlyStopping, writer: bool = True):
             super().__init__()
             self.backup_dir = Path(backup_dir)
             self.early_stopping = early_stopping
+            self.writer = writer
             self.rows: list[dict[str, Any]] = []
             self._writer: threading.Thread | None = None
             self._error: BaseException | None = None
@@ -332,7 +354,8 @@ def _callbacks_module():
         def on_epoch_end(self, epoch, logs=None):
             start, cpu_start = time.perf_counter(), time.process_time()
             self._wait()
-            values = [np.array(v.numpy()) for v in self._variables()]  # a snapshot
+            # A snapshot (the writer's only; reading a variable is local, never a collective).
+            values = [np.array(v.numpy()) for v in self._variables()] if self.writer else []
             best = None
             if self.early_stopping.best_weights is not None and self.early_stopping.best_epoch == epoch:
                 best = self.early_stopping.best_weights  # a new list each improvement
@@ -341,6 +364,8 @@ def _callbacks_module():
                 logs["epoch_seconds"] = logs.get("epoch_seconds", 0.0) + logs["epoch_backup_seconds"]
                 logs["epoch_cpu_seconds"] = logs.get("epoch_cpu_seconds", 0.0) + time.process_time() - cpu_start
             self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+            if not self.writer:
+                return
             state = {
                 "epoch": epoch + 1,  # epochs finished
                 "weights": f"epoch-{epoch + 1}.npz",
@@ -373,10 +398,18 @@ def _callbacks_module():
                 self._writer = None
             if self._error is not None:
                 error, self._error = self._error, None
-                raise RuntimeError(f"the backup in {self.backup_dir} could not be written: {error}") from error
+                raise error  # the OSError names the file (configlib.naming_file)
 
         def on_train_end(self, logs=None):
             self._wait()
+
+        def finish(self) -> None:
+            """Let the last epoch's write commit (or fail) before the process goes: fit was
+            interrupted (Ctrl-C, a lost worker) and skips on_train_end; the writer thread is a
+            daemon. Its error, if any, is left for the exception already under way."""
+            if self._writer is not None:
+                self._writer.join()
+                self._writer = None
 
     return EpochTimer, ResumableEarlyStopping, ResumableBackup
 
@@ -386,11 +419,16 @@ def _write_synced(path: Path, arrays: Sequence[Any]) -> None:
     import numpy as np
 
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{f"v{i}": a for i, a in enumerate(arrays)})
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with configlib.naming_file(path):  # a failed write() names no file by itself
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{f"v{i}": a for i, a in enumerate(arrays)})
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -410,27 +448,63 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _make_strategy(config: TrainConfig):
+def _start_workers(config: TrainConfig, spec: cluster.ClusterSpec | None, log):
+    """The tf.distribute strategy and this process's `distributed.Workers`.
+
+    With --strategy multiworker (`spec` parsed from TF_CONFIG), the strategy starts under
+    --cluster-timeout, and the workers check that they share one cluster, the same settings
+    and the same versions (ClusterError otherwise, exit status 2).
+    """
+    from model import distributed
+
+    if spec is None:
+        if os.environ.get(cluster.TF_CONFIG_ENV):
+            log(f"Note: TF_CONFIG is set but --strategy is {config.strategy}: training on this "
+                "machine alone (pass --strategy multiworker to train with the cluster).")
+        strategy = distributed.make_strategy(config.strategy, None, config.cluster_timeout)
+        return strategy, distributed.Workers(None, config.cluster_timeout)
+    log(f"Joining the cluster as {spec.describe()}; waiting up to {config.cluster_timeout:g} s")
+    strategy = distributed.make_strategy("multiworker", spec, config.cluster_timeout)
+    workers = distributed.Workers(spec, config.cluster_timeout)
+    import keras
     import tensorflow as tf
 
-    if config.strategy == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if config.strategy == "multiworker":
-        # Reads the cluster from the TF_CONFIG environment variable (one process per worker).
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()  # the default, no-op strategy
+    # The settings that decide what is computed, flag by flag (the data is compared by its
+    # checksums once loaded: its folder may be mounted at different paths).
+    settings = {f"--{key.replace('_', '-')}": value for key, value in configlib.to_jsonable(
+        config.identity()).items() if key not in ("data_dir", "tfds_dir")}
+    workers.agree("start", {
+        "cluster": spec.cluster_text,
+        "versions": f"tensorflow {tf.__version__}, keras {keras.__version__}",
+        **settings,
+    })
+    return strategy, workers
 
 
-def _is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "task_type", None):
-        return True
-    return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in (resolver.cluster_spec().as_dict() or {})
-    )
+def _prepare_run_dir(config: TrainConfig, workers) -> tuple[Path, bool]:
+    """(run folder, resuming?): the chief resumes `<out>/latest` when it was interrupted with
+    these settings, else makes a new folder, and tells the other workers which one. Only the
+    chief writes; the others check that they see the same folder (the backup they must restore
+    from lives there), so --out must be storage every worker shares at the same path."""
+    if workers.is_chief:
+        run_dir = find_resumable_run(config)
+        resuming = run_dir is not None
+        if run_dir is None:
+            run_dir = _new_run_dir(config)
+            run_dir.mkdir(parents=True)
+            (run_dir / UNFINISHED_MARKER).touch()
+            configlib.save_config(config, run_dir / contract.RUN_CONFIG_FILE)
+            point_latest_at(run_dir)
+        workers.broadcast("run_dir", json.dumps([str(run_dir.resolve()), resuming]))
+        return run_dir, resuming
+    path, resuming = json.loads(workers.broadcast("run_dir"))
+    run_dir = Path(path)
+    if not (run_dir / contract.RUN_CONFIG_FILE).is_file():
+        raise cluster.ClusterError(
+            f"{workers.spec.task_name} cannot see the chief's run folder {run_dir}: --out "
+            f"({config.out}) must be a folder every worker shares at the same path (NFS, a "
+            "ReadWriteMany volume), since every worker restores the run's backup from it")
+    return run_dir, resuming
 
 
 def _split_cpu(count: int) -> None:
@@ -543,18 +617,47 @@ def build_compiled_model(
     return model
 
 
-def make_training_input(config: TrainConfig, train_split, plan, first_epoch: int = 0):
-    """The training tf.data pipeline from epoch `first_epoch` to the last (model.data)."""
+def plan_training(config: TrainConfig, num_images: int, workers, steps_per_execution: int):
+    """The epoch plan (model.data.EpochPlan) of one worker's pipeline: under several workers
+    each reads its shard (model.distributed.shard: num_images // workers images) in batches
+    of its share of the global batch; every worker gets the same plan, so all run the same
+    number of steps."""
     from model import data
 
-    return data.make_train_dataset(
-        train_split, config.batch_size, config.seed, config.augmentation(),
-        first_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=plan.steps_per_epoch,
-    )
+    if config.batch_size > num_images:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {num_images} training images")
+    return data.plan_epochs(num_images // workers.count, config.batch_size // workers.count,
+                            steps_per_execution)
 
 
-def make_callbacks(config: TrainConfig, run_dir: Path, extra: Sequence[Any] = ()) -> list[Any]:
-    """The run's Keras callbacks, in the order their hooks must run.
+def make_training_input(config: TrainConfig, train_split, plan, strategy=None, workers=None,
+                        first_epoch: int = 0):
+    """The training tf.data pipeline from epoch `first_epoch` to the last (model.data), for
+    `model.fit` under `strategy` (model.distributed.train_input: under several workers each
+    reads its own shard, with seed + worker index, so their orders and distortions differ).
+
+    Its randomness is a function of (seed, epoch, step) alone, so a pipeline started at
+    `first_epoch` (a resumed run) yields what an uninterrupted run's yields from there.
+    """
+    from model import data, distributed
+
+    def make(split, batch_size, seed):
+        return data.make_train_dataset(
+            split, batch_size, seed, config.augmentation(),
+            first_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=plan.steps_per_epoch,
+        )
+
+    if strategy is None:
+        return make(train_split, config.batch_size, config.seed)
+    dataset, _ = distributed.train_input(strategy, workers, train_split, config.batch_size, make, config.seed)
+    return dataset
+
+
+def make_callbacks(
+    config: TrainConfig, run_dir: Path, extra: Sequence[Any] = (), writer: bool = True
+) -> list[Any]:
+    """The run's Keras callbacks, in the order their hooks must run. `writer`: this process
+    writes the run folder (the chief; under several workers the others only read the backup).
 
     Early stopping before the backup (the backup saves early stopping's updated state and
     restores it after early stopping's own on_train_begin has reset it); the timer before
@@ -570,14 +673,18 @@ def make_callbacks(config: TrainConfig, run_dir: Path, extra: Sequence[Any] = ()
         patience=config.epochs if config.patience is None else config.patience,
         restore_best_weights=True, verbose=1,
     )
-    return [
+    callbacks = [
         *extra,
         EpochTimer(),
         early_stopping,
-        ResumableBackup(run_dir / "backup", early_stopping),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
+        ResumableBackup(run_dir / "backup", early_stopping, writer=writer),
     ]
+    if writer:
+        callbacks += [
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
+        ]
+    return callbacks
 
 
 ECE_THRESHOLD = 0.02  # calibrate (--calibrate auto) when the validation ECE is above this
@@ -638,10 +745,15 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     to alternate epochs with another framework).
 
     Raises gpu.NoGpuError (with --require-gpu), data.DataError / idx.IdxError for bad data,
-    and KeyboardInterrupt untouched (the backup stays so that the next run resumes).
+    cluster.ClusterError for a bad TF_CONFIG or a cluster that does not assemble or agree,
+    cluster.WorkerLostError when a worker fails during training, and KeyboardInterrupt
+    untouched (the backup stays so that the next run resumes). Under several workers, only
+    the chief's result has metrics (the others' is empty).
     """
     from model import gpu
 
+    # TF_CONFIG is checked before anything starts: a mistake in it fails in a second.
+    spec = cluster.from_environment() if config.strategy == "multiworker" else None
     # Thread pools and the GPU check run first: both must be set before TF runs an op, and
     # with --require-gpu we stop before reading any data.
     _split_cpu(config.cpu_devices)
@@ -657,8 +769,12 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     import numpy as np
     import tensorflow as tf
 
-    from model import data, evaluate
+    from model import data, distributed, evaluate
 
+    # The strategy before the data: a worker that cannot join fails in seconds, and collective
+    # ops are best configured before other TF ops run.
+    strategy, workers = _start_workers(config, spec, log)
+    chief = workers.is_chief
     keras.utils.set_random_seed(config.seed)  # Python, numpy and TF seeds
 
     dataset = data.load_mnist(config.data_dir, config.tfds_dir)
@@ -672,9 +788,8 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
             "WARNING: these IDX files have MNIST's exact sizes but not its checksums: another "
             "dataset in MNIST's format (Fashion-MNIST? KMNIST?) or modified files."
         )
+    workers.agree("data", {"data": _data_fingerprint(dataset)})
 
-    strategy = _make_strategy(config)
-    chief = _is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {replicas} replicas")
@@ -682,19 +797,11 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     if config.strategy != "none" and use_xla and not gpu_report.gpu_usable:
         use_xla = False
 
-    # Run folder: resume an interrupted run with the same settings, else start a new one.
-    run_dir = find_resumable_run(config) if chief else None
-    resuming = run_dir is not None
-    if run_dir is None:
-        run_dir = _new_run_dir(config) if chief else Path(
-            __import__("tempfile").mkdtemp(prefix="mnist-worker-")
-        )
-        run_dir.mkdir(parents=True)
-        (run_dir / UNFINISHED_MARKER).touch()
-        configlib.save_config(config, run_dir / contract.RUN_CONFIG_FILE)
-        if chief:
-            point_latest_at(run_dir)
-    configlib.write_json_atomic(run_dir / contract.RUN_GPU_REPORT_FILE, gpu_report.to_dict())
+    # Run folder: resume an interrupted run with the same settings, else start a new one. Only
+    # the chief writes there; the other workers write nothing that outlives them.
+    run_dir, resuming = _prepare_run_dir(config, workers)
+    if chief:
+        configlib.write_json_atomic(run_dir / contract.RUN_GPU_REPORT_FILE, gpu_report.to_dict())
     backup_dir = run_dir / "backup"
     history_path = run_dir / "history.csv"
 
@@ -704,45 +811,68 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         # feed a value for placeholder tensor 'while/cond/Placeholder'"); one step per call works.
         log(f"Note: steps_per_execution {steps_per_execution} -> 1 under {replicas} replicas (Keras/TF bug)")
         steps_per_execution = 1
-    if config.batch_size > len(train_split):
-        raise ConfigError(
-            f"--batch-size {config.batch_size} is larger than the {len(train_split)} training images"
-        )
-    plan = data.plan_epochs(len(train_split), config.batch_size, steps_per_execution)
+    plan = plan_training(config, len(train_split), workers, steps_per_execution)
 
-    backup = read_backup_state(backup_dir) if resuming else None
-    initial_epoch = backup["epoch"] if backup else 0
+    # Every worker reads the backup: they must all start from the same epoch and weights.
+    backup = read_backup_state(backup_dir)
+    initial_epoch = int(backup["epoch"]) if backup else 0
+    workers.agree("resume", {"resume_after_epoch": initial_epoch})
     if resuming:
         log(f"Resuming {run_dir} after epoch {initial_epoch} (its backup was left by an interrupted run).")
-        write_history(history_path, backup["history"] if backup else [])
-    train_ds = make_training_input(config, train_split, plan, first_epoch=initial_epoch)
-    val_ds = data.make_eval_dataset(val_split, 1024)
+        if chief:
+            write_history(history_path, backup["history"] if backup else [])
+    train_ds = make_training_input(config, train_split, plan, strategy, workers, first_epoch=initial_epoch)
+    val_ds = distributed.eval_input(strategy, data.make_eval_dataset(val_split, 1024))
     with strategy.scope():
         model = build_compiled_model(config, plan.steps_per_epoch, use_xla, plan.steps_per_execution)
 
     log(f"Run folder: {run_dir}")
     log(
         f"Training {model.count_params():,} parameters, batch {config.batch_size} over {replicas} "
-        f"replica(s), {plan.steps_per_epoch} steps per epoch ({plan.steps_per_execution} per call), "
-        f"XLA {'on' if use_xla else 'off'}, {threads['intra_op']} threads, up to {config.epochs} epochs"
+        f"replica(s) on {workers.count} worker(s), {plan.steps_per_epoch} steps per epoch "
+        f"({plan.steps_per_execution} per call), XLA {'on' if use_xla else 'off'}, "
+        f"{threads['intra_op']} threads, up to {config.epochs} epochs"
     )
-    callbacks = make_callbacks(config, run_dir, extra_callbacks)
+    callbacks = make_callbacks(config, run_dir, extra_callbacks, writer=chief)
     early_stopping = next(c for c in callbacks if hasattr(c, "get_state"))
-    model.fit(
-        train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-        steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks,
-        verbose=_progress_verbosity(config.verbose), shuffle=False,  # the pipeline shuffles
-    )
+    backup_callback = next(c for c in callbacks if hasattr(c, "finish"))
+    try:
+        model.fit(
+            train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+            steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks,
+            verbose=_progress_verbosity(config.verbose), shuffle=False,  # the pipeline shuffles
+        )
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as err:
+        if workers.spec is None:
+            raise
+        # A peer died: MWMS cannot go on without it (its collectives abort on every worker).
+        raise cluster.WorkerLostError(
+            f"{workers.spec.task_name} lost the cluster during training: "
+            f"{distributed.first_line(err)}. The backup of the last finished epoch is in "
+            f"{backup_dir}: start every worker again with the same command to resume from it."
+        ) from None
+    finally:
+        backup_callback.finish()  # the last finished epoch's backup commits before we leave
+    if not chief:
+        # The chief evaluates and writes the run folder; wait for it, so that the cluster ends
+        # together (a worker leaving early shows on the chief as a failed peer).
+        workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
+        return RunResult(run_dir=run_dir, metrics={})
+
     history = evaluate.read_history(history_path)
     train_seconds = sum(row.get("epoch_seconds", 0.0) for row in history)
     epochs_run = len(history)
     best_epoch = int(early_stopping.best_epoch)
 
     # Calibration on the validation split; the model that is saved carries the temperature.
+    # Both run on this process's copy of the model, outside the strategy (under several
+    # workers Keras' predict would shard the inputs over them all).
+    model = inference_model(config, model)
     calibration = calibrate(config, model, val_split)
     model = inference_model(config, model, calibration["temperature"])
 
-    # Final evaluation: the only place the test set is read.
+    # Final evaluation: the only place the test set is read (on the chief alone).
     test_probs = model.predict(dataset.test.images, batch_size=1024, verbose=0)  # as shipped
     test = evaluate.classification_metrics(dataset.test.labels, test_probs)
     test_logits = logits_model(model).predict(dataset.test.images, batch_size=1024, verbose=0)
@@ -772,7 +902,7 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         "epochs_run": epochs_run,
         "train_seconds": round(train_seconds, 2),
         "train_samples_per_second": round(
-            epochs_run * plan.images_per_epoch / max(train_seconds, 1e-9), 1
+            epochs_run * plan.images_per_epoch * workers.count / max(train_seconds, 1e-9), 1
         ),
         "train_steps_per_epoch": plan.steps_per_epoch,
         "train_images": len(train_split),
@@ -784,6 +914,7 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         "steps_per_execution": plan.steps_per_execution,
         "threads": threads,
         "replicas": replicas,
+        "workers": workers.count,
         "device": "GPU" if gpu_report.gpu_usable else "CPU",
         "mixed_precision": gpu_report.mixed_precision,
         "tensorflow_version": tf.__version__,
@@ -792,26 +923,33 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
     }
 
-    if chief:
-        tmp_model = run_dir / f".{contract.RUN_MODEL_FILE}.tmp.keras"
-        model.save(tmp_model)
-        os.replace(tmp_model, run_dir / contract.RUN_MODEL_FILE)
-        evaluate.plot_training_curves(history, run_dir / "training_curves.png", best_epoch)
-        evaluate.plot_confusion_matrix(
-            np.asarray(test["confusion_matrix"]), run_dir / "confusion_matrix.png",
-            contract.LABELS, f"MNIST test set: accuracy {test['accuracy']:.2%}",
-        )
-        evaluate.plot_reliability(
-            dataset.test.labels, {"uncalibrated": softmax(test_logits), "shipped": test_probs},
-            run_dir / "reliability.png",
-        )
-        # metrics.json last: its presence marks the run complete.
-        configlib.write_json_atomic(run_dir / contract.RUN_METRICS_FILE, metrics)
-        (run_dir / UNFINISHED_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(backup_dir, ignore_errors=True)
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    tmp_model = run_dir / f".{contract.RUN_MODEL_FILE}.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, run_dir / contract.RUN_MODEL_FILE)
+    evaluate.plot_training_curves(history, run_dir / "training_curves.png", best_epoch)
+    evaluate.plot_confusion_matrix(
+        np.asarray(test["confusion_matrix"]), run_dir / "confusion_matrix.png",
+        contract.LABELS, f"MNIST test set: accuracy {test['accuracy']:.2%}",
+    )
+    evaluate.plot_reliability(
+        dataset.test.labels, {"uncalibrated": softmax(test_logits), "shipped": test_probs},
+        run_dir / "reliability.png",
+    )
+    # metrics.json last: its presence marks the run complete.
+    configlib.write_json_atomic(run_dir / contract.RUN_METRICS_FILE, metrics)
+    (run_dir / UNFINISHED_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
     return RunResult(run_dir=run_dir, metrics=metrics)
+
+
+def _data_fingerprint(dataset) -> str:
+    """What identifies the data a worker loaded (its files' checksums, or the TFDS version):
+    workers with different data would train one model on two datasets."""
+    source = dataset.source
+    if source.get("kind") == "idx":
+        return json.dumps(source.get("sha256"), sort_keys=True)
+    return f"{source.get('kind')} {source.get('name')} {source.get('version')} {len(dataset.train)}"
 
 
 T = TypeVar("T")
@@ -819,7 +957,10 @@ T = TypeVar("T")
 
 def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
     """(fn(), 0), or (None, exit status) after printing a one-line error for the failures a
-    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), bad data or settings (1).
+    user can fix: no GPU with --require-gpu (gpu.EXIT_NO_GPU), a bad TF_CONFIG or a cluster
+    that does not assemble (cluster.EXIT_CLUSTER, 2), a worker lost during training
+    (cluster.EXIT_WORKER_LOST, 75: run the same command again), bad data or settings, a
+    failed write in the run folder (1; configlib.write_failure names the file and cause).
     Shared by the entry points that train (model.train, model.bench)."""
     from model import data, gpu, idx
 
@@ -828,8 +969,26 @@ def run_reporting_errors(fn: Callable[[], T]) -> tuple[T | None, int]:
     except gpu.NoGpuError as err:
         print(f"error: {err}", file=sys.stderr)
         return None, gpu.EXIT_NO_GPU
+    except cluster.ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, cluster.EXIT_CLUSTER
+    except cluster.WorkerLostError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, cluster.EXIT_WORKER_LOST
     except (data.DataError, idx.IdxError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return None, 1
+    except Exception as err:
+        failure = configlib.write_failure(err)  # a full disk, a quota, a read-only folder...
+        if failure is None:
+            raise
+        print(f"error: cannot write {failure}. Make room (or fix the folder), then run the same "
+              "command again: it resumes from the last finished epoch.", file=sys.stderr, flush=True)
+        if any("/h5py/" in frame.filename for frame in traceback.extract_tb(err.__traceback__)):
+            # h5py cannot close a .h5 file whose write failed: its clean-up at interpreter exit
+            # crashes the process (SIGSEGV, exit 139, after a page of tracebacks). Leave now.
+            sys.stdout.flush()
+            os._exit(1)
         return None, 1
 
 
@@ -846,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     if status:
         return status
+    if not result.metrics:
+        print(f"This worker's part is done; the chief wrote the run folder {result.run_dir}")
+        return 0
     m = result.metrics
     print(
         f"Test accuracy: {m['test_accuracy']:.2%} (loss {m['test_loss']:.4f}) after {m['epochs_run']} "

@@ -19,10 +19,13 @@ BatchingParameters file (serving/batching_parameters.txt):
   more than one twice their size (a run of 1 row takes 140 us here, 8 rows 270 us, 32 rows
   740 us), so single-image traffic runs in fewer, larger batches, while large requests
   still use every worker.
-- A task with more rows than max_batch_size is refused as TF Serving refuses it, unless
-  enable_large_batch_splitting, which runs it in pieces (max_execution_batch_size rows).
-- When max_enqueued_batches batches are already waiting, new tasks get UNAVAILABLE (clients
-  retry with backoff).
+- A task with more rows than max_batch_size is refused, with or without
+  enable_large_batch_splitting, as TF Serving refuses it (shared_batch_scheduler.h,
+  ValidateBatchTaskQueueCapacity: "Task size N is larger than maximum input batch size M").
+  Splitting only cuts tasks larger than max_execution_batch_size (which defaults to
+  max_batch_size) into pieces of that size; batches never hold more rows than that.
+- When max_enqueued_batches batches' worth of rows are already waiting, new tasks get
+  UNAVAILABLE with the scheduler's "queue ... is full" message (clients retry with backoff).
 - Unlike TF Serving, tasks whose rows differ in shape go to different queues instead of
   failing together, and when a batch fails each of its tasks is re-run alone, so one bad
   picture in a batch fails only its own request.
@@ -46,10 +49,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving import json_tensor as jt
+from serving import protocol
 from serving.config_files import BatchingParameters
 
-RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# A run that takes less (on average, for its queue) is not given its deadline: see _timed_run.
+RUN_TIMEOUT_MIN_S = 0.002
+# run(inputs, timeout in seconds or None) -> outputs: one model run.
+RunFn = Callable[[dict[str, np.ndarray], "float | None"], dict[str, np.ndarray]]
+# A request as queued: (inputs, rows, Future of its outputs, deadline (time.monotonic) or None).
+TaskSpec = tuple[dict[str, np.ndarray], int, Future, "float | None"]
 
 
 @dataclass
@@ -57,6 +65,7 @@ class _Task:
     inputs: dict[str, np.ndarray]
     rows: int
     future: Future
+    deadline: float | None = None  # time.monotonic(); past it, nobody waits for the answer
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -81,6 +90,10 @@ class BatchQueue:
         self._in_flight = in_flight
         self._arrival_wait = arrival_wait
         self._parallel_min_rows = max(1, parallel_min_rows)
+        # The most rows one model run takes (GetQueueOptions: max_execution_batch_size with
+        # large-batch splitting, else max_batch_size).
+        self._execution_limit = params.execution_batch_size
+        self._run_estimate: float | None = None  # seconds a run of this queue takes (moving average)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # idle workers wait here for tasks
         self._fill = threading.Condition(self._lock)  # a worker waits here for its batch to fill
@@ -108,54 +121,57 @@ class BatchQueue:
             self._fill.notify_all()
         for task in pending:
             if task.future.set_running_or_notify_cancel():
-                task.future.set_exception(jt.ApiError("UNAVAILABLE", "the model version was unloaded"))
+                task.future.set_exception(protocol.ApiError("UNAVAILABLE", "the model version was unloaded"))
 
-    def submit(self, inputs: dict[str, np.ndarray], rows: int) -> Future:
+    def submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None) -> Future:
         """Queue one request's inputs (all with `rows` rows); a Future of its outputs.
+        `deadline` (time.monotonic()): drop it if it is still queued then, and pass what is
+        left of it into the model run.
 
         Raises ApiError at once for a task that is too large or a full queue.
         """
         future: Future = Future()
-        error = self._enqueue([(inputs, rows, future)])[0]
+        error = self._enqueue([(inputs, rows, future, deadline)])[0]
         if error is not None:
             raise error
         return future
 
-    def submit_all(self, tasks: list[tuple[dict[str, np.ndarray], int, Future]]) -> None:
+    def submit_all(self, tasks: list[TaskSpec]) -> None:
         """Queue several requests at once (one lock, at most one wake-up): (inputs, rows,
-        Future) each. A task that cannot be queued gets its error through its Future."""
-        for (_inputs, _rows, future), error in zip(tasks, self._enqueue(tasks)):
+        Future, deadline) each. A task that cannot be queued gets its error through its Future."""
+        for (_inputs, _rows, future, _deadline), error in zip(tasks, self._enqueue(tasks)):
             if error is not None and future.set_running_or_notify_cancel():
                 future.set_exception(error)
 
-    def _enqueue(self, tasks: list[tuple[dict[str, np.ndarray], int, Future]]) -> list[jt.ApiError | None]:
+    def _enqueue(self, tasks: list[TaskSpec]) -> list[protocol.ApiError | None]:
         p = self._params
-        errors: list[jt.ApiError | None] = []
+        limit = self._execution_limit
+        errors: list[protocol.ApiError | None] = []
         queued: list[tuple[_Task, ...]] = []
-        for inputs, rows, future in tasks:
-            if rows > p.max_batch_size and not p.enable_large_batch_splitting:
-                errors.append(jt.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}"))
+        for inputs, rows, future, deadline in tasks:
+            if rows > p.max_batch_size:
+                errors.append(protocol.invalid(f"Task size {rows} is larger than maximum input batch size {p.max_batch_size}"))
                 queued.append(())
                 continue
             errors.append(None)
-            if rows > p.max_batch_size:
+            if rows > limit:
                 # Run in pieces of max_execution_batch_size rows; `future` gets them joined.
-                piece = min(p.max_execution_batch_size or p.max_batch_size, p.max_batch_size)
-                parts = tuple(_Task({k: v[i : i + piece] for k, v in inputs.items()}, min(piece, rows - i), Future())
-                              for i in range(0, rows, piece))
+                parts = tuple(_Task({k: v[i : i + limit] for k, v in inputs.items()}, min(limit, rows - i),
+                                    Future(), deadline)
+                              for i in range(0, rows, limit))
                 _gather([t.future for t in parts], future)
                 queued.append(parts)
             else:
-                queued.append((_Task(inputs, rows, future),))
+                queued.append((_Task(inputs, rows, future, deadline),))
         with self._lock:
             for i, parts in enumerate(queued):
                 if not parts:
                     continue
                 rows = sum(t.rows for t in parts)
                 if self._closed:
-                    errors[i] = jt.ApiError("UNAVAILABLE", "the model version was unloaded")
-                elif -(-(self._pending_rows + rows) // p.max_batch_size) > p.max_enqueued_batches:
-                    errors[i] = jt.ApiError("UNAVAILABLE", "The batch scheduling queue to which this task was submitted is full")
+                    errors[i] = protocol.ApiError("UNAVAILABLE", "the model version was unloaded")
+                elif -(-(self._pending_rows + rows) // limit) > p.max_enqueued_batches:
+                    errors[i] = protocol.ApiError("UNAVAILABLE", self._full_message(rows))
                 else:
                     self._pending.extend(parts)
                     self._pending_rows += rows
@@ -163,22 +179,37 @@ class BatchQueue:
                 self._wake_workers()
         return errors
 
+    def _full_message(self, rows: int) -> str:
+        """(Lock held.) The scheduler's words for a full queue (shared_batch_scheduler.h,
+        ValidateBatchTaskQueueCapacity), with our queue's rows seen as TF's batches: full
+        ones of max_execution_batch_size rows and an open one."""
+        p, limit = self._params, self._execution_limit
+        batches = max(1, -(-self._pending_rows // limit))
+        open_rows = self._pending_rows - (batches - 1) * limit
+        text = "The batch scheduling queue to which this task was submitted is full"
+        if not p.enable_large_batch_splitting:
+            return f"{text}; currently {batches} batches enqueued and max_enqueued_batches is {p.max_enqueued_batches}"
+        capacity = max(0, (p.max_enqueued_batches - batches) * limit + limit - open_rows)
+        return (f"{text}; task size is {rows} but scheduling capacity is only {capacity} "
+                f"(num_enqueued_batches={batches}, max_enqueued_batches={p.max_enqueued_batches}, "
+                f"open_batch_size={open_rows}, max_execution_batch_size={limit})")
+
     def _wake_workers(self) -> None:
         # With the lock held, after tasks were queued.
-        p = self._params
-        if self._filling and (self._pending_rows >= p.max_batch_size
+        if self._filling and (self._pending_rows >= self._execution_limit
                               or (self._filling_for_arrivals and not self._more_coming())):
             self._fill.notify_all()
         # Each awake worker will take up to max_batch_size rows: wake an idle one for the rest,
         # unless a worker busy with a batch will take them when done (see the module notes).
-        claimed = (self._waking + self._filling) * p.max_batch_size
+        claimed = (self._waking + self._filling) * self._execution_limit
         if self._working and self._pending_rows - claimed < self._parallel_min_rows:
             return
         if self._idle > self._waking and self._pending_rows > claimed:
             self._waking += 1
             self._work.notify()
 
-    def run_inline_if_idle(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
+    def run_inline_if_idle(self, inputs: dict[str, np.ndarray], rows: int,
+                           deadline: float | None = None) -> dict[str, np.ndarray] | None:
         """Run a task in the calling thread when nothing else is queued, running or arriving
         (whether the request is alone in the server is the caller's call).
 
@@ -187,22 +218,38 @@ class BatchQueue:
         """
         p = self._params
         with self._lock:
-            if (self._pending or self._running or self._closed or rows > p.max_batch_size
+            if (self._pending or self._running or self._closed or rows > self._execution_limit
                     or p.allowed_batch_sizes or self._arriving() > 0):
                 return None
             self._running += 1
         try:
             try:
-                outputs = self._run(inputs)
-            except jt.ApiError:
+                outputs = self._timed_run(inputs, [deadline])
+            except protocol.ApiError:
                 raise
             except Exception as err:  # as the workers report it
-                raise jt.ApiError("INTERNAL", f"{type(err).__name__}: {err}") from err
+                raise protocol.ApiError("INTERNAL", f"{type(err).__name__}: {err}") from err
             self._on_batch(rows, rows)
             return outputs
         finally:
             with self._lock:
                 self._running -= 1
+
+    def _timed_run(self, inputs: dict[str, np.ndarray], deadlines: list[float | None]) -> dict[str, np.ndarray]:
+        """One model run, given until the last of its tasks stops waiting (none of them must
+        wait: no limit). That limit goes into the run only when this queue's runs take at
+        least RUN_TIMEOUT_MIN_S (or none has run yet): TensorFlow honours a timeout on its
+        thread pool only, and the two thread switches cost a run of a few hundred
+        microseconds (MNIST pixels) more than a deadline could ever save it."""
+        timeout = None if None in deadlines else _left(max(deadlines))
+        if timeout is not None and self._run_estimate is not None and self._run_estimate < RUN_TIMEOUT_MIN_S:
+            timeout = None
+        started = time.monotonic()
+        outputs = self._run(inputs, timeout)
+        took = time.monotonic() - started
+        estimate = self._run_estimate
+        self._run_estimate = took if estimate is None else estimate + 0.2 * (took - estimate)
+        return outputs
 
     def _more_coming(self) -> bool:
         """(Lock held.) Could more requests join the waiting batch soon? Yes while some are
@@ -215,11 +262,15 @@ class BatchQueue:
     # -- workers -----------------------------------------------------------------------------
     def _take_batch(self) -> list[_Task]:
         batch, size = [], 0
-        while self._pending and size + self._pending[0].rows <= self._params.max_batch_size:
+        now = time.monotonic()
+        while self._pending and size + self._pending[0].rows <= self._execution_limit:
             task = self._pending.popleft()
             self._pending_rows -= task.rows
             if not task.future.set_running_or_notify_cancel():
                 continue  # the client gave up (timeout) while queued
+            if task.deadline is not None and task.deadline <= now:
+                task.future.set_exception(protocol.ApiError("DEADLINE_EXCEEDED", "Deadline Exceeded"))
+                continue  # nobody waits for this answer any more: do not compute it
             batch.append(task)
             size += task.rows
         return batch
@@ -227,7 +278,7 @@ class BatchQueue:
     def _wait_until(self, deadline: float, for_arrivals: bool) -> None:
         # With the lock held: until the batch is full, the deadline passes or (for_arrivals)
         # nothing else is on its way. Submits wake us only when one of those holds.
-        while (self._pending and self._pending_rows < self._params.max_batch_size
+        while (self._pending and self._pending_rows < self._execution_limit
                and not self._closed and (not for_arrivals or self._more_coming())):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -283,22 +334,23 @@ class BatchQueue:
             if padded > rows:
                 # Pad by repeating the first row, as BatchingSession does.
                 merged = {k: np.concatenate([v, np.repeat(v[:1], padded - rows, axis=0)]) for k, v in merged.items()}
-            outputs = self._run(merged)
+            outputs = self._timed_run(merged, [t.deadline for t in batch])
             self._on_batch(rows, padded)
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != padded:
-                    raise jt.invalid(
+                    raise protocol.invalid(
                         f"Batched output tensor '{name}' has 0th dimension "
                         f"{value.shape[0] if value.ndim else 'none'}, expected the batch size {padded}"
                     )
         except Exception as err:
-            if len(batch) > 1:
+            if len(batch) > 1 and not (isinstance(err, protocol.ApiError) and err.code == "DEADLINE_EXCEEDED"):
                 # Isolate the culprit: each task alone gets its own result or its own error.
                 for task in batch:
                     self._process([task])
                 return
-            error = err if isinstance(err, jt.ApiError) else jt.ApiError("INTERNAL", f"{type(err).__name__}: {err}")
-            batch[0].future.set_exception(error)
+            error = err if isinstance(err, protocol.ApiError) else protocol.ApiError("INTERNAL", f"{type(err).__name__}: {err}")
+            for task in batch:  # one task, or a batch stopped at its last task's deadline
+                task.future.set_exception(error)
             return
         start = 0
         for task in batch:
@@ -330,6 +382,11 @@ def _gather(parts: list[Future], whole: Future) -> None:
         part.add_done_callback(done)
 
 
+def _left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (time.monotonic()), None for none."""
+    return None if deadline is None else deadline - time.monotonic()
+
+
 def _padded_size(rows: int, allowed: tuple[int, ...]) -> int:
     for size in allowed:
         if size >= rows:
@@ -338,14 +395,15 @@ def _padded_size(rows: int, allowed: tuple[int, ...]) -> int:
 
 
 def batch_rows(inputs: dict[str, Any]) -> int:
-    """The task size: every input's 0th dimension, which must agree (BatchingSession)."""
+    """The task size: every input's 0th dimension, which must agree (batching_util.h,
+    ComputeTensorBatchSize)."""
     sizes = set()
     for array in inputs.values():
         if array.ndim == 0:
-            raise jt.invalid("Batching session Run() input tensors must have at least one dimension")
+            raise protocol.invalid("Batching Run() input tensors must have at least one dimension")
         sizes.add(array.shape[0])
     if len(sizes) != 1:
-        raise jt.invalid("Batching session Run() input tensors must have equal 0th-dimension size")
+        raise protocol.invalid("Batching Run() input tensors must have equal 0th-dimension size")
     return sizes.pop()
 
 

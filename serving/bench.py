@@ -41,6 +41,7 @@ import numpy as np
 from model import configlib, contract
 from model.configlib import ConfigError, field
 from serving import json_tensor as jt
+from serving.client import DEFAULT_MAX_BATCH_SIZE, request_slices
 
 TARGETS = {"rest_p50_ms": 3.0, "grpc_p50_ms": 2.0, "predictions_per_s_32_clients": 1500.0}
 
@@ -54,12 +55,13 @@ class BenchConfig:
     data_dir: Path = field(Path("tests/data"), "MNIST IDX folder the request images come from")
     out: Path = field(Path("artifacts/bench/serve.json"), "where the results go")
     protocols: tuple[str, ...] = field(("rest", "grpc"), "protocols to measure")
-    batch_sizes: tuple[int, ...] = field((1, 64), "images per request")
+    batch_sizes: tuple[int, ...] = field((1, 64), "images per prediction (more than --max-batch-size go as several requests)")
     concurrency: tuple[int, ...] = field((1, 8, 32), "concurrent clients")
     rounds: int = field(3, "times the whole grid is measured (interleaved); cells report medians over them")
     duration: float = field(4.0, "measured seconds per scenario")
     warmup: float = field(1.0, "unmeasured seconds before each scenario")
-    timeout: float = field(30.0, "per-request timeout in seconds")
+    timeout: float = field(30.0, "per-prediction timeout in seconds")
+    max_batch_size: int = field(DEFAULT_MAX_BATCH_SIZE, "most images per request (the server's batching max_batch_size)")
     server_args: str = field("", "extra flags for python -m serving.server (one string)")
 
     def validate(self) -> None:
@@ -67,6 +69,8 @@ class BenchConfig:
             raise ConfigError(f"--protocols takes rest and/or grpc, got {self.protocols}")
         if any(b < 1 for b in self.batch_sizes) or any(c < 1 for c in self.concurrency):
             raise ConfigError("batch sizes and concurrency must be >= 1")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.duration <= 0 or self.warmup < 0:
@@ -178,20 +182,26 @@ def _http_request(host: str, port: int, path: str, body: bytes) -> bytes:
     return head.encode("ascii") + body
 
 
-async def _rest_worker(host: str, port: int, raw: bytes, expected: list[int] | None,
+async def _rest_worker(host: str, port: int, raws: list[bytes], expected: list[int] | None,
                        stop_at: float, tally: _Tally, timeout: float) -> list[int] | None:
+    """One client: sends its prediction (`raws`: one request per max_batch_size piece) again
+    and again until stop_at; each prediction is one latency sample."""
     loop = asyncio.get_running_loop()
     connection: _HttpConnection | None = None
     while time.perf_counter() < stop_at:
         t0 = time.perf_counter()
         try:
+            digits, status, payload = [], 200, b""
             async with asyncio.timeout(timeout):
-                if connection is None or connection.closed:
-                    _transport, connection = await loop.create_connection(_HttpConnection, host, port)
-                status, payload = await connection.request(raw)
+                for raw in raws:
+                    if connection is None or connection.closed:
+                        _transport, connection = await loop.create_connection(_HttpConnection, host, port)
+                    status, payload = await connection.request(raw)
+                    if status != 200:
+                        break
+                    digits += jt.parse_json(payload)["outputs"][contract.OUTPUT_DIGIT]
             ok = status == 200
             if ok:
-                digits = jt.parse_json(payload)["outputs"][contract.OUTPUT_DIGIT]
                 if expected is None:
                     expected = digits
                 ok, detail = digits == expected, _MIXED_UP
@@ -208,15 +218,17 @@ async def _rest_worker(host: str, port: int, raw: bytes, expected: list[int] | N
     return expected
 
 
-async def _grpc_worker(stub: Any, request: Any, expected: list[int] | None, stop_at: float,
+async def _grpc_worker(stub: Any, requests: list[Any], expected: list[int] | None, stop_at: float,
                        tally: _Tally, timeout: float) -> list[int] | None:
     # grpc.aio: every client a coroutine on one thread. Blocking stubs in 32 threads spent
     # 1.5-4x more CPU per call here (GIL hand-offs between the threads).
     while time.perf_counter() < stop_at:
         t0 = time.perf_counter()
         try:
-            response = await stub.Predict(request, timeout=timeout)
-            digits = list(response.outputs[contract.OUTPUT_DIGIT].int64_val)
+            digits = []
+            for request in requests:  # one per max_batch_size piece of the prediction
+                response = await stub.Predict(request, timeout=timeout)
+                digits += response.outputs[contract.OUTPUT_DIGIT].int64_val
             if expected is None:
                 expected = digits
             ok, detail = digits == expected, _MIXED_UP
@@ -229,9 +241,11 @@ async def _grpc_worker(stub: Any, request: Any, expected: list[int] | None, stop
 async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: int,
                        concurrency: int, config: BenchConfig) -> dict[str, Any]:
     """One (protocol, batch, concurrency) cell: warm-up, then `duration` measured seconds."""
-    # Each client sends its own images, so answers can be told apart.
-    batches = [images[(i * batch) % len(images):][:batch] for i in range(concurrency)]
-    batches = [b if len(b) == batch else images[:batch] for b in batches]
+    # Each client sends its own images, so answers can be told apart; a prediction of more
+    # than max_batch_size images goes as several requests, as our clients send it.
+    batches = [np.resize(np.roll(images, -i * batch, axis=0), (batch, *images.shape[1:]))
+               for i in range(concurrency)]
+    pieces = [[b[piece] for piece in request_slices(batch, config.max_batch_size)] for b in batches]
     expected: list[list[int] | None] = [None] * concurrency
 
     async def phase(seconds: float, tallies: list[_Tally]) -> None:
@@ -239,10 +253,10 @@ async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: 
         if protocol == "rest":
             url = urlsplit(endpoint)
             path = f"/v1/models/{contract.MODEL_NAME}:predict"
-            raws = [_http_request(url.hostname, url.port, path, json.dumps(
+            raws = [[_http_request(url.hostname, url.port, path, json.dumps(
                         {"signature_name": contract.SIGNATURE_PIXELS,
-                         "inputs": {contract.INPUT_PIXELS: b.tolist()}}).encode())
-                    for b in batches]
+                         "inputs": {contract.INPUT_PIXELS: p.tolist()}}).encode()) for p in client]
+                    for client in pieces]
             results = await asyncio.gather(*[
                 _rest_worker(url.hostname, url.port, raws[i], expected[i], stop_at, tallies[i], config.timeout)
                 for i in range(concurrency)])
@@ -254,12 +268,14 @@ async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: 
             from serving import tensor_proto
 
             requests = []
-            for b in batches:
-                request = predict_pb2.PredictRequest()
-                request.model_spec.name = contract.MODEL_NAME
-                request.model_spec.signature_name = contract.SIGNATURE_PIXELS
-                request.inputs[contract.INPUT_PIXELS].CopyFrom(tensor_proto.from_ndarray(b, tensor_pb2.TensorProto))
-                requests.append(request)
+            for client in pieces:
+                requests.append([])
+                for p in client:
+                    request = predict_pb2.PredictRequest()
+                    request.model_spec.name = contract.MODEL_NAME
+                    request.model_spec.signature_name = contract.SIGNATURE_PIXELS
+                    request.inputs[contract.INPUT_PIXELS].CopyFrom(tensor_proto.from_ndarray(p, tensor_pb2.TensorProto))
+                    requests[-1].append(request)
             async with grpc.aio.insecure_channel(endpoint) as channel:
                 stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
                 results = await asyncio.gather(*[

@@ -22,6 +22,11 @@ Failures raise a `ServingError` subclass whose `exit_code` the CLI (serving/quer
 Only connection failures and 503 are retried, with exponential backoff and full jitter
 (honouring Retry-After); everything else surfaces at once.
 
+`predict` and `predict_encoded` send at most `max_batch_size` images per request (256, our
+batching file's max_batch_size) and join the answers: TF Serving refuses a larger request
+("Task size N is larger than maximum input batch size 256"), and its metadata does not say
+the limit, so it is a client setting that must not exceed the server's.
+
 This module imports numpy, requests and model/contract.py (pure Python) only; a test
 imports it with TensorFlow blocked.
 """
@@ -42,6 +47,9 @@ from model import contract
 
 DEFAULT_REST_URL = "http://localhost:8501"
 DEFAULT_GRPC_TARGET = "localhost:8500"
+# The most rows one request may carry: serving/batching_parameters.txt's max_batch_size,
+# which TF Serving enforces on every request (a test keeps the two equal).
+DEFAULT_MAX_BATCH_SIZE = 256
 
 # What each DataType name in metadata may be fed with, and the numpy dtype sent.
 _INTEGER_RANGES = {
@@ -223,6 +231,24 @@ class Prediction:
         return self.probabilities[np.arange(len(self.digits)), self.digits]
 
 
+def request_slices(count: int, max_batch_size: int) -> list[slice]:
+    """Rows [0, count) in consecutive pieces of at most max_batch_size rows (at least one
+    piece, so that an empty input still reaches the server's own checks). Raises
+    InputError for a max_batch_size below 1."""
+    if max_batch_size < 1:
+        raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    return [slice(start, start + max_batch_size) for start in range(0, max(count, 1), max_batch_size)]
+
+
+def join_predictions(parts: Sequence[Prediction]) -> Prediction:
+    """The answers to consecutive pieces of one input as one Prediction; model_version is
+    the version that answered every piece, or None when a version swap came in between."""
+    versions = {p.model_version for p in parts}
+    return Prediction(np.concatenate([p.digits for p in parts]),
+                      np.concatenate([p.probabilities for p in parts]),
+                      versions.pop() if len(versions) == 1 else None)
+
+
 def prediction_from_outputs(outputs: dict[str, Any], version: int | None = None) -> Prediction:
     try:
         digits = np.asarray(outputs[contract.OUTPUT_DIGIT], dtype=np.int64).reshape(-1)
@@ -278,15 +304,18 @@ class RestClient:
 
     def __init__(self, url: str = DEFAULT_REST_URL, model: str = contract.MODEL_NAME,
                  version: int | None = None, label: str | None = None, timeout: float = 10.0,
-                 retry: RetryPolicy = RetryPolicy(), session: Any = None):
+                 retry: RetryPolicy = RetryPolicy(), session: Any = None,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         import requests
 
         if version is not None and label is not None:
             raise InputError("give a version or a label, not both")
+        request_slices(0, max_batch_size)  # validates it
         self.url = url.rstrip("/")
         self.model, self.version, self.label = model, version, label
         self.timeout = timeout
         self.retry = retry
+        self.max_batch_size = max_batch_size
         self._requests = requests
         self._session = session or requests.Session()
         self._signatures: dict[str, dict[str, dict[str, TensorSpec]]] | None = None
@@ -383,24 +412,30 @@ class RestClient:
         return self._request("POST", self.model_url + ":predict", body)
 
     def predict(self, images: Any, validate: bool = True) -> Prediction:
-        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default."""
+        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default,
+        in requests of at most max_batch_size images."""
         spec = (self.input_spec(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS) if validate
                 else TensorSpec(contract.INPUT_PIXELS, "DT_UINT8", (-1, *contract.IMAGE_SHAPE)))
         array = check_tensor(images, spec, "images")
-        answer = self.predict_raw({"signature_name": contract.SIGNATURE_PIXELS,
-                                   "inputs": {contract.INPUT_PIXELS: array.tolist()}})
-        return prediction_from_outputs(_outputs_of(answer))
+        return join_predictions([
+            prediction_from_outputs(_outputs_of(self.predict_raw({
+                "signature_name": contract.SIGNATURE_PIXELS,
+                "inputs": {contract.INPUT_PIXELS: array[piece].tolist()}})))
+            for piece in request_slices(len(array), self.max_batch_size)])
 
     def predict_encoded(self, pictures: Sequence[bytes], validate: bool = True) -> Prediction:
         """Digits for encoded pictures (PNG/JPEG bytes, any size) through serving_bytes,
-        sent as {"b64": ...} as TF Serving's REST API wants binary strings."""
+        sent as {"b64": ...} as TF Serving's REST API wants binary strings, in requests of
+        at most max_batch_size pictures."""
         if validate:
             check_tensor(list(pictures), self.input_spec(contract.SIGNATURE_BYTES, contract.INPUT_BYTES), "pictures")
         if not pictures:
             raise InputError("no pictures to send")
         instances = [{"b64": base64.b64encode(p).decode("ascii")} for p in pictures]
-        answer = self.predict_raw({"signature_name": contract.SIGNATURE_BYTES, "instances": instances})
-        return prediction_from_outputs(_outputs_of(answer))
+        return join_predictions([
+            prediction_from_outputs(_outputs_of(self.predict_raw({
+                "signature_name": contract.SIGNATURE_BYTES, "instances": instances[piece]})))
+            for piece in request_slices(len(instances), self.max_batch_size)])
 
 
 def _outputs_of(answer: dict[str, Any]) -> dict[str, Any]:

@@ -112,6 +112,15 @@ class BatchingParameters:
     enable_large_batch_splitting: bool = False
     max_execution_batch_size: int | None = None
 
+    @property
+    def execution_batch_size(self) -> int:
+        """The most rows one model run takes: max_execution_batch_size with large-batch
+        splitting (default: max_batch_size), else max_batch_size (bundle_factory_util.h,
+        GetQueueOptions). max_batch_size itself bounds each request's rows either way."""
+        if self.enable_large_batch_splitting and self.max_execution_batch_size:
+            return min(self.max_execution_batch_size, self.max_batch_size)
+        return self.max_batch_size
+
     def validate(self, where: str = "batching parameters") -> None:
         if self.max_batch_size < 1:
             raise ConfigFileError(f"{where}: max_batch_size must be >= 1, got {self.max_batch_size}")
@@ -131,6 +140,13 @@ class BatchingParameters:
                     f"{where}: the last entry of allowed_batch_sizes ({sizes[-1]}) must equal "
                     f"max_batch_size ({self.max_batch_size})"
                 )
+            if sizes[-1] != self.execution_batch_size:  # batching_session.cc, with splitting
+                raise ConfigFileError(
+                    f"{where}: the last entry of allowed_batch_sizes ({sizes[-1]}) must equal "
+                    f"max_execution_batch_size ({self.execution_batch_size})"
+                )
+        if self.max_execution_batch_size is not None and self.max_execution_batch_size < 1:
+            raise ConfigFileError(f"{where}: max_execution_batch_size must be >= 1")
 
 
 def read_batching_parameters(path: Path) -> BatchingParameters:

@@ -8,7 +8,8 @@
 
 Same checks, errors, exit codes and retry rules as the REST client (serving/client.py):
 UNAVAILABLE is retried with backoff; every other status surfaces at once with the server's
-own message. The channel's message size limits are raised (256 MiB by default; gRPC's
+own message; large inputs go in requests of at most max_batch_size images, as with REST.
+The channel's message size limits are raised (256 MiB by default; gRPC's
 default of 4 MiB refuses a few thousand images). Tensors are packed with numpy
 (serving/tensor_proto.py) rather than tf.make_tensor_proto.
 
@@ -25,9 +26,10 @@ import numpy as np
 from model import contract
 from serving import tensor_proto
 from serving.client import (
-    DEFAULT_GRPC_TARGET, DeadlineExceeded, InputError, Prediction, RequestRejected, RetryPolicy,
-    ServerFailure, TensorSpec, UnreachableError, check_tensor, prediction_from_outputs,
-    signatures_from_metadata, with_retries,
+    DEFAULT_GRPC_TARGET, DEFAULT_MAX_BATCH_SIZE, DeadlineExceeded, InputError, Prediction,
+    RequestRejected, RetryPolicy, ServerFailure, TensorSpec, UnreachableError, check_tensor,
+    join_predictions, prediction_from_outputs, request_slices, signatures_from_metadata,
+    with_retries,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
@@ -44,7 +46,8 @@ class GrpcClient:
     def __init__(self, target: str = DEFAULT_GRPC_TARGET, model: str = contract.MODEL_NAME,
                  version: int | None = None, label: str | None = None, timeout: float = 10.0,
                  retry: RetryPolicy = RetryPolicy(),
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         import grpc
         from tensorflow.core.framework import tensor_pb2
         from tensorflow_serving.apis import (
@@ -54,6 +57,8 @@ class GrpcClient:
 
         if version is not None and label is not None:
             raise InputError("give a version or a label, not both")
+        request_slices(0, max_batch_size)  # validates it
+        self.max_batch_size = max_batch_size
         self.target = target
         self.model, self.version, self.label = model, version, label
         self.timeout = timeout
@@ -162,19 +167,23 @@ class GrpcClient:
         return outputs, int(response.model_spec.version.value)
 
     def predict(self, images: Any, validate: bool = True) -> Prediction:
-        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default."""
+        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default,
+        in requests of at most max_batch_size images."""
         spec = (self.input_spec(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS) if validate
                 else TensorSpec(contract.INPUT_PIXELS, "DT_UINT8", (-1, *contract.IMAGE_SHAPE)))
         array = check_tensor(images, spec, "images")
-        outputs, version = self.predict_tensors(contract.SIGNATURE_PIXELS, {contract.INPUT_PIXELS: array})
-        return prediction_from_outputs(outputs, version)
+        return join_predictions([
+            prediction_from_outputs(*self.predict_tensors(contract.SIGNATURE_PIXELS, {contract.INPUT_PIXELS: array[piece]}))
+            for piece in request_slices(len(array), self.max_batch_size)])
 
     def predict_encoded(self, pictures: Sequence[bytes], validate: bool = True) -> Prediction:
-        """Digits for encoded pictures (PNG/JPEG bytes) through serving_bytes."""
+        """Digits for encoded pictures (PNG/JPEG bytes) through serving_bytes, in requests of
+        at most max_batch_size pictures."""
         if not pictures:
             raise InputError("no pictures to send")
         spec = (self.input_spec(contract.SIGNATURE_BYTES, contract.INPUT_BYTES) if validate
                 else TensorSpec(contract.INPUT_BYTES, "DT_STRING", (-1,)))
         array = check_tensor(list(pictures), spec, "pictures")
-        outputs, version = self.predict_tensors(contract.SIGNATURE_BYTES, {contract.INPUT_BYTES: array})
-        return prediction_from_outputs(outputs, version)
+        return join_predictions([
+            prediction_from_outputs(*self.predict_tensors(contract.SIGNATURE_BYTES, {contract.INPUT_BYTES: array[piece]}))
+            for piece in request_slices(len(array), self.max_batch_size)])

@@ -1,4 +1,5 @@
-"""TF Serving's REST JSON <-> numpy tensors, following tensorflow_serving/util/json_tensor.cc.
+"""TF Serving's REST JSON <-> numpy tensors, following tensorflow_serving/util/json_tensor.cc
+at TF Serving's current master (2.18+, behind our 2.21 pin).
 
 Pure Python + numpy (no TensorFlow): the local server uses it to read `:predict` bodies and
 write responses exactly as TF Serving does, and the tests use it to build requests.
@@ -12,9 +13,11 @@ Request (`FillPredictRequestFromJson`):
 
 Each input's dtype comes from the signature; the tensor's shape comes from the JSON nesting
 (the first element at each level fixes that level's size; every other element must match).
-A string tensor takes JSON strings or `{"b64": "..."}` objects. Values are checked as
-rapidjson checks them: integer dtypes take integer tokens that fit int32 (int64/uint32/uint64
-their own range), floats take any number that converts without loss, bools take true/false.
+A string tensor takes JSON strings or `{"b64": "..."}` objects (abseil's base64: whitespace
+skipped). Values are checked as rapidjson checks them: integer dtypes take integer tokens
+that fit int32 (int64/uint32/uint64 their own range), float and double any number, bools
+true/false; half and uint16 inputs are UNIMPLEMENTED. The body is read as rapidjson reads it
+(serving/rapidjson_compat.py), and request values quoted in errors are cut after 256 bytes.
 
 Response (`MakeJsonFromTensors`): row requests get `{"predictions": ...}`, columnar ones
 `{"outputs": ...}`; with one output tensor its name is omitted, with several each batch item
@@ -23,143 +26,43 @@ as TF Serving writes them (6 significant digits if that round-trips, else 9 for 
 for float64, a trailing ".0" on whole numbers, NaN/Infinity tokens); DT_STRING outputs whose
 name ends in "_bytes" are written as {"b64": ...}.
 
-Errors are `ApiError`s carrying TF Serving's status code and message text (see
-serving/COMPATIBILITY.md for the table of mirrored behaviours and the tests that pin them).
+Errors are `ApiError`s (serving/protocol.py) carrying TF Serving's status code and message
+text (see serving/COMPATIBILITY.md for the table of mirrored behaviours and the tests that pin
+them).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-try:  # optional accelerator (the `serve` extra pins it); the json module is the fallback
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - exercised where orjson is not installed
-    _orjson = None
-
-# --------------------------------------------------------------------------------------------
-# Status codes (tensorflow/core/protobuf/error_codes.proto) and their HTTP mapping
-# (tensorflow_serving/model_servers/http_server.cc ToHTTPStatusCode).
-# --------------------------------------------------------------------------------------------
-CODES = {
-    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
-    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
-    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
-}
-CODE_NAMES = {v: k for k, v in CODES.items()}
-HTTP_STATUS = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400,
-    "DEADLINE_EXCEEDED": 504, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403,
-    "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400,
-    "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
-    "UNAUTHENTICATED": 401,
-}
-
-
-class ApiError(Exception):
-    """A failed request: a TF status code name ("INVALID_ARGUMENT", ...) and its message."""
-
-    def __init__(self, code: str, message: str, http_status: int | None = None):
-        super().__init__(message)
-        if code not in CODES:
-            raise ValueError(f"unknown status code {code!r}")
-        self.code = code
-        self.message = message
-        self._http_status = http_status  # when HTTP has a more precise answer than the mapping
-
-    @property
-    def http_status(self) -> int:
-        return self._http_status or HTTP_STATUS[self.code]
-
-    def __str__(self) -> str:  # absl::Status::ToString()
-        return f"{self.code}: {self.message}"
-
-
-def invalid(*parts: Any) -> ApiError:
-    return ApiError("INVALID_ARGUMENT", "".join(str(p) for p in parts))
-
-
-# --------------------------------------------------------------------------------------------
-# DataType (tensorflow/core/framework/types.proto): enum value -> (DataTypeString, numpy dtype)
-# --------------------------------------------------------------------------------------------
-DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = 1, 2, 3, 4, 5, 6, 7
-DT_INT64, DT_BOOL, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = 9, 10, 17, 19, 22, 23
-
-DTYPES: dict[int, tuple[str, Any]] = {
-    DT_FLOAT: ("float", np.float32),
-    DT_DOUBLE: ("double", np.float64),
-    DT_INT32: ("int32", np.int32),
-    DT_UINT8: ("uint8", np.uint8),
-    DT_INT16: ("int16", np.int16),
-    DT_INT8: ("int8", np.int8),
-    DT_STRING: ("string", object),
-    DT_INT64: ("int64", np.int64),
-    DT_BOOL: ("bool", np.bool_),
-    DT_UINT16: ("uint16", np.uint16),
-    DT_HALF: ("half", np.float16),
-    DT_UINT32: ("uint32", np.uint32),
-    DT_UINT64: ("uint64", np.uint64),
-}
-DTYPE_ENUM_NAMES = {
-    DT_FLOAT: "DT_FLOAT", DT_DOUBLE: "DT_DOUBLE", DT_INT32: "DT_INT32", DT_UINT8: "DT_UINT8",
-    DT_INT16: "DT_INT16", DT_INT8: "DT_INT8", DT_STRING: "DT_STRING", DT_INT64: "DT_INT64",
-    DT_BOOL: "DT_BOOL", DT_UINT16: "DT_UINT16", DT_HALF: "DT_HALF", DT_UINT32: "DT_UINT32",
-    DT_UINT64: "DT_UINT64",
-}
-_NUMPY_TO_DT = {
-    np.dtype(np.float32): DT_FLOAT, np.dtype(np.float64): DT_DOUBLE,
-    np.dtype(np.int32): DT_INT32, np.dtype(np.uint8): DT_UINT8, np.dtype(np.int16): DT_INT16,
-    np.dtype(np.int8): DT_INT8, np.dtype(np.int64): DT_INT64, np.dtype(np.bool_): DT_BOOL,
-    np.dtype(np.uint16): DT_UINT16, np.dtype(np.float16): DT_HALF,
-    np.dtype(np.uint32): DT_UINT32, np.dtype(np.uint64): DT_UINT64,
-}
-
-
-def dtype_string(dt: int) -> str:
-    """DataTypeString(dt): 'uint8', 'float', ... ('unknown dtype enum N' when unsupported)."""
-    return DTYPES[dt][0] if dt in DTYPES else f"unknown dtype enum {dt}"
-
-
-def dtype_of_array(array: np.ndarray) -> int:
-    """The DataType enum value of a numpy array (object / bytes / str arrays -> DT_STRING)."""
-    if array.dtype == object or array.dtype.kind in "SU":
-        return DT_STRING
-    try:
-        return _NUMPY_TO_DT[array.dtype]
-    except KeyError:
-        raise invalid(f"numpy dtype {array.dtype} has no TensorFlow Serving equivalent") from None
-
+from serving import rapidjson_compat as rj
+from serving.protocol import (
+    DT_BOOL, DT_DOUBLE, DT_FLOAT, DT_HALF, DT_INT8, DT_INT16, DT_INT32, DT_INT64, DT_STRING, DT_UINT8,
+    DT_UINT16, DT_UINT32, DT_UINT64, DTYPES, INT64_MAX, ApiError, dtype_string, invalid,
+)
 
 # --------------------------------------------------------------------------------------------
 # JSON values, as rapidjson types them
 # --------------------------------------------------------------------------------------------
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN = -(2**63)
 UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
-FLT_MAX = float(np.finfo(np.float32).max)
-DBL_MAX = float(np.finfo(np.float64).max)
-# Largest integer each float type holds exactly: (1 << digits) - 1.
-_MAX_EXACT_INT = {DT_FLOAT: 2**24 - 1, DT_DOUBLE: 2**53 - 1, DT_HALF: 2**11 - 1}
-
-# Error messages echo the offending JSON; TF Serving echoes all of it, we cut it here so a
-# megabyte request cannot produce a megabyte error body.
-MAX_ECHO_CHARS = 1000
+# The dtypes AddValueToTensor converts JSON into (others: UNIMPLEMENTED "Conversion of ...").
+_INT_DTYPES = (DT_INT32, DT_INT16, DT_INT8, DT_UINT8)  # rapidjson IsInt(), then a C cast
+_FLOAT_DTYPES = (DT_FLOAT, DT_DOUBLE)
 
 
 def _is_int_token(v: Any) -> bool:
-    # Python's json gives int for integer tokens; bool is an int subclass, but not a number.
+    # The reader keeps integer tokens within int64/uint64 as ints (rapidjson's Int/Uint/
+    # Int64/Uint64 values); bool is an int subclass, but not a number.
     return type(v) is int
-
-
-def _fits_uint64_or_int64(v: int) -> bool:
-    return INT64_MIN <= v <= UINT64_MAX
 
 
 def json_type_string(v: Any) -> str:
@@ -224,30 +127,10 @@ def format_floats(values: np.ndarray) -> list[str]:
     return texts
 
 
-def _dump_value(v: Any, indent: int, level: int) -> str:
-    """rapidjson PrettyWriter-like rendering of a JSON value (used to echo it in errors)."""
-    pad = " " * (indent * (level + 1))
-    end = " " * (indent * level)
-    if isinstance(v, dict):
-        if not v:
-            return "{}"
-        items = [f'{pad}{json.dumps(k)}: {_dump_value(x, indent, level + 1)}' for k, x in v.items()]
-        return "{\n" + ",\n".join(items) + "\n" + end + "}"
-    if isinstance(v, list):
-        if not v:
-            return "[]"
-        return "[\n" + ",\n".join(pad + _dump_value(x, indent, level + 1) for x in v) + "\n" + end + "]"
-    if type(v) is float:
-        return format_decimal(v, double=True)
-    return json.dumps(v, ensure_ascii=False)
-
-
 def json_value_to_string(v: Any) -> str:
-    """JsonValueToString: the value pretty-printed (4-space indent), cut at MAX_ECHO_CHARS."""
-    text = _dump_value(v, 4, 0)
-    if len(text) > MAX_ECHO_CHARS:
-        text = text[:MAX_ECHO_CHARS] + "...(truncated)"
-    return text
+    """JsonValueToDebugString: the value as rapidjson's PrettyWriter writes it with
+    single-line arrays, cut after 256 bytes (rapidjson_compat.debug_string)."""
+    return rj.debug_string(v)
 
 
 def _type_error(v: Any, dt: int) -> ApiError:
@@ -259,48 +142,63 @@ def _format_error(v: Any, *parts: Any) -> ApiError:
     return invalid("JSON Value: ", json_value_to_string(v), " ", *parts)
 
 
-def _lossless(v: Any, dt: int) -> bool:
-    """IsLosslessDecimal<T>: does this JSON number convert to float/double without loss?"""
-    as_double = float(v) if not _is_int_token(v) or abs(v) < 2**1023 else math.inf
-    if not math.isfinite(as_double):
-        return True
-    if _is_int_token(v) and _fits_uint64_or_int64(v):
-        return abs(v) <= _MAX_EXACT_INT[dt]
-    limit = FLT_MAX if dt == DT_FLOAT else (65504.0 if dt == DT_HALF else DBL_MAX)
-    return -limit <= as_double <= limit
-
-
 def _is_b64_object(v: Any) -> bool:
     """{"b64": "<string>"} with exactly that one key (IsValBase64Object)."""
     return isinstance(v, dict) and len(v) == 1 and isinstance(v.get("b64"), str)
 
 
+_BASE64_SPACE = re.compile(r"[ \t\n\v\f\r]+")  # absl::ascii_isspace
+_BASE64_PADDING = re.compile(r"[=.]*\Z")
+
+
+def base64_unescape(text: str) -> bytes | None:
+    """absl::Base64Unescape (absl/strings/escaping.cc), or None where it fails.
+
+    Whitespace (space, \\t, \\n, \\v, \\f, \\r) is skipped anywhere, so MIME-wrapped base64
+    (`base64.encodebytes`, `base64` without -w0) decodes. The data may end with no padding
+    or with exactly the padding its length needs, written with '=' or '.'; a final single
+    character (6 bits) or any other character fails.
+    """
+    data = _BASE64_SPACE.sub("", text)
+    padding = _BASE64_PADDING.search(data)
+    pads = padding.end() - padding.start()
+    data = data[: padding.start()]
+    expected = {0: 0, 2: 2, 3: 1}.get(len(data) % 4)
+    if expected is None or pads not in (0, expected):
+        return None
+    try:
+        return base64.b64decode(data + "=" * expected, validate=True)
+    except (binascii.Error, ValueError):  # a character outside the alphabet
+        return None
+
+
 def _b64_decode(v: Any) -> bytes:
+    """JsonDecodeBase64Object."""
     if not _is_b64_object(v):
         raise invalid("JSON Value: ", json_value_to_string(v), " not formatted correctly for base64 data")
-    text = v["b64"]
-    try:
-        # absl::Base64Unescape accepts missing padding; Python's decoder wants it.
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid("Unable to base64 decode") from None
+    decoded = base64_unescape(v["b64"])
+    if decoded is None:
+        raise invalid("Unable to base64 decode")
+    return decoded
 
 
 def _convert_scalar(v: Any, dt: int) -> Any:
-    """AddValueToTensor: one JSON leaf -> a Python value for dtype `dt`, or ApiError."""
+    """AddValueToTensor: one JSON leaf -> a Python value for dtype `dt`, or ApiError.
+
+    As at TF Serving's current master: float and double take any number (an integer, NaN,
+    Infinity; out of float range gives infinity, as the C++ cast does), integer dtypes take
+    integer tokens in their range, bool true/false, string strings. DT_HALF, DT_UINT16 and
+    the rest are UNIMPLEMENTED.
+    """
     if isinstance(v, dict):
         if dt == DT_STRING:
             return _b64_decode(v)
         raise _type_error(v, dt)
-    if dt in (DT_FLOAT, DT_DOUBLE, DT_HALF):
+    if dt in _FLOAT_DTYPES:
         if not (_is_int_token(v) or type(v) is float):
             raise _type_error(v, dt)
-        if not _lossless(v, dt):
-            target = "float" if dt == DT_FLOAT else dtype_string(dt)
-            raise invalid("Cannot convert JSON value: ", json_value_to_string(v), " to ", target,
-                          " without loss of precision.")
         return float(v)
-    if dt in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
+    if dt in _INT_DTYPES:
         # rapidjson IsInt(): an integer token within int32. The value is then narrowed by a
         # C++ cast (TF's Tensor::FromProto), so 300 sent to uint8 arrives as 44, as in TF Serving.
         if not (_is_int_token(v) and INT32_MIN <= v <= INT32_MAX):
@@ -325,7 +223,7 @@ def _convert_scalar(v: Any, dt: int) -> Any:
     if dt == DT_STRING:
         if not isinstance(v, str):
             raise _type_error(v, dt)
-        return v.encode("utf-8")
+        return v.encode("utf-8", "surrogateescape")  # the body's own bytes (see rapidjson_compat)
     raise ApiError("UNIMPLEMENTED", f"Conversion of JSON Value: {json_value_to_string(v)} to type: {dtype_string(dt)}")
 
 
@@ -369,12 +267,21 @@ def _to_array(values: list, shape: list[int], dt: int) -> np.ndarray:
         array = np.empty(len(values), dtype=object)
         array[:] = values
         return array.reshape(shape)
-    if dt in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
+    if dt in _INT_DTYPES:
         # Values are int32 here; narrow with C-style wrap-around, as TF's cast does.
         return np.asarray(values, dtype=np.int64).astype(np_dtype).reshape(shape)
     if dt == DT_UINT64:
         return np.asarray(values, dtype=np.uint64).reshape(shape)
+    if dt == DT_FLOAT:
+        return _to_float32(np.asarray(values, dtype=np.float64)).reshape(shape)
     return np.asarray(values, dtype=np_dtype).reshape(shape)
+
+
+def _to_float32(doubles: np.ndarray) -> np.ndarray:
+    """rapidjson's GetFloat(): static_cast<float>(GetDouble()); beyond float's range that is
+    an infinity (x86's conversion), not an error."""
+    with np.errstate(over="ignore"):
+        return doubles.astype(np.float32)
 
 
 def _tensor_from_value(v: Any, dt: int, may_have_bools: bool = True) -> np.ndarray:
@@ -392,7 +299,7 @@ def _fast_numeric(v: Any, dt: int, may_have_bools: bool = True) -> np.ndarray | 
     """numpy's own parser for the common case (rectangular lists of plain numbers).
 
     Returns None whenever the slow path must decide (ragged lists, objects, strings, bools,
-    out-of-range values), so the fast path never accepts what TF Serving would refuse.
+    out-of-range integers), so the fast path never accepts what TF Serving would refuse.
     `may_have_bools=False` (the body holds no `true`/`false` token) skips the bool scan:
     numpy would silently read true as 1.
     """
@@ -400,31 +307,42 @@ def _fast_numeric(v: Any, dt: int, may_have_bools: bool = True) -> np.ndarray | 
         return None
     if may_have_bools and not _has_no_bools(v):
         return None
-    try:
-        array = np.array(v)
-    except (ValueError, TypeError, OverflowError):
+    array = _array_in_pieces(v)
+    if array is None:
         return None
     kind = array.dtype.kind
     if array.size == 0 or kind not in "if" or array.ndim > MAX_RANK:
         return None  # bools come out as 'b' (all bools) or would need the slow path anyway
-    if dt in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
+    if dt in _INT_DTYPES:
         if kind != "i" or array.min() < INT32_MIN or array.max() > INT32_MAX:
             return None
         return array.astype(DTYPES[dt][1])
-    if dt in (DT_FLOAT, DT_DOUBLE, DT_HALF):
-        if kind == "i":
-            limit = _MAX_EXACT_INT[dt]
-            if array.min() < -limit or array.max() > limit:
-                return None
-        else:
-            finite = array[np.isfinite(array)]
-            limit = FLT_MAX if dt == DT_FLOAT else (65504.0 if dt == DT_HALF else DBL_MAX)
-            if finite.size and (finite.min() < -limit or finite.max() > limit):
-                return None
-        return array.astype(DTYPES[dt][1])
+    if dt in _FLOAT_DTYPES:
+        doubles = array.astype(np.float64)  # integers become doubles first, as GetDouble()
+        return _to_float32(doubles) if dt == DT_FLOAT else doubles
     if dt == DT_INT64 and kind == "i":
         return array.astype(np.int64)
     return None
+
+
+# np.array over a nested list holds the GIL throughout: a large input (a request of 16,000
+# images) is converted this many rows at a time, so that the event loop, in another thread,
+# gets its turn between pieces.
+_ROWS_PER_PIECE = 256
+
+
+def _array_in_pieces(v: list) -> np.ndarray | None:
+    """np.array(v) for a rectangular nested list, in pieces of _ROWS_PER_PIECE rows; None
+    where numpy cannot make one numeric array of it (ragged, mixed, too deep)."""
+    try:
+        if len(v) <= _ROWS_PER_PIECE:
+            return np.array(v)
+        pieces = [np.array(v[i : i + _ROWS_PER_PIECE]) for i in range(0, len(v), _ROWS_PER_PIECE)]
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if len({p.shape[1:] for p in pieces}) != 1 or any(p.dtype.kind not in "biuf" for p in pieces):
+        return None  # ragged, or not numbers: the walk decides
+    return np.concatenate(pieces)  # ints and floats together give floats, as np.array(v) does
 
 
 def _has_no_bools(v: Any) -> bool:
@@ -456,28 +374,20 @@ def may_hold_bools(body: bytes | str) -> bool:
 ROW, COLUMNAR = "row", "columnar"
 
 
-def parse_json(body: bytes | str) -> dict:
-    """ParseJson: the request body as a JSON object, or INVALID_ARGUMENT as TF Serving says it."""
+def parse_json(body: bytes | str, allow_orjson: bool = True) -> dict:
+    """ParseJson: the request body as a JSON object, or INVALID_ARGUMENT as TF Serving says it.
+
+    rapidjson's reading (serving/rapidjson_compat.py): bytes after the first complete value
+    are ignored; errors are "JSON Parse error: <rapidjson's message> at offset: <byte>".
+    `allow_orjson=False` reads with rapidjson_compat's own reader, slower but never holding
+    the GIL for long (for large bodies parsed beside the event loop).
+    """
     if not body:
         raise invalid("JSON Parse error: The document is empty")
-    if _orjson is not None:
-        # Strict JSON, 3-4x faster; anything it refuses (NaN/Infinity tokens, huge integers,
-        # errors) goes to the standard parser, which decides and words the error.
-        try:
-            doc = _orjson.loads(body)
-        except _orjson.JSONDecodeError:
-            doc = None
-        if isinstance(doc, dict):
-            return doc
     try:
-        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
-        doc = json.loads(text)  # NaN / Infinity / -Infinity accepted, as kParseNanAndInfFlag
-    except UnicodeDecodeError as err:
-        raise invalid(f"JSON Parse error: Invalid encoding in string. at offset: {err.start}") from None
-    except json.JSONDecodeError as err:
-        raise invalid(f"JSON Parse error: {err.msg} at offset: {err.pos}") from None
-    except RecursionError:
-        raise invalid("JSON Parse error: The document nests too deeply") from None
+        doc = rj.parse(body, allow_orjson)
+    except rj.JsonParseError as err:
+        raise invalid(f"JSON Parse error: {err.message} at offset: {err.offset}") from None
     if not isinstance(doc, dict):
         raise _format_error(doc, "Is not object")
     return doc
@@ -574,7 +484,7 @@ def _from_instances(instances: list, infos: dict[str, int], may_have_bools: bool
                                   " of 'instances' list. Error: ", err) from None
             if set(element) != set(names):
                 raise invalid("Failed to process element: ", index, " of 'instances' list. JSON object: ",
-                              json_value_to_string(element), " must only have keys: ", ",".join(names))
+                              json_value_to_string(element), " keys must be equal to: ", ",".join(names))
         else:
             if _is_element_object(element):
                 raise invalid("Expecting value/list but got object at item ", index, " of input list")
@@ -623,11 +533,69 @@ def _from_inputs(value: Any, infos: dict[str, int], may_have_bools: bool = True)
 
 
 # --------------------------------------------------------------------------------------------
+# :classify and :regress bodies (FillClassifyRegressRequestFromJson)
+# --------------------------------------------------------------------------------------------
+def check_classify_regress_request(doc: dict) -> str:
+    """FillClassifyRegressRequestFromJson's checks of a :classify / :regress body: the
+    optional 'signature_name' (returned, '' when absent), an optional 'context' example and a
+    non-empty 'examples' list of examples, each a JSON object whose members hold one value or
+    a list of values of one Feature kind (int64 for integers and booleans, float for other
+    numbers, bytes for strings and {"b64": ...}). Raises ApiError with TF Serving's messages
+    (note the 'When method is classify' in the message for :regress too, as upstream).
+    """
+    signature_name = signature_name_of(doc)
+    if "context" in doc:
+        _check_example(doc["context"])
+    if "examples" not in doc:
+        raise _format_error(doc, "When method is classify, key 'examples' is expected and was not found")
+    examples = doc["examples"]
+    if not isinstance(examples, list):
+        raise _format_error(doc, "Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise _format_error(doc, "'examples' value is an empty array")
+    for example in examples:
+        _check_example(example)
+    return signature_name
+
+
+def _check_example(value: Any) -> None:
+    """MakeExampleFromJsonObject."""
+    if not isinstance(value, dict):
+        raise invalid("Example must be JSON object but got JSON ", json_type_string(value))
+    for name, content in value.items():
+        kind: list[str] = []  # the Feature's kind once its first value fixed it
+        for item in (content if isinstance(content, list) else [content]):
+            _check_feature_value(item, name, kind)
+
+
+def _check_feature_value(v: Any, name: str, kind: list[str]) -> None:
+    """AddValueToFeature: one value of feature `name` (kind: [] or [its kind so far])."""
+    if v is None or isinstance(v, list) or (isinstance(v, dict) and not _is_b64_object(v)):
+        raise invalid("Feature: ", name, " has element with unexpected JSON type: ", json_type_string(v))
+    if isinstance(v, bool) or _is_int_token(v):
+        wanted = "int64"
+    elif isinstance(v, float):
+        wanted = "float"
+    else:
+        wanted = "bytes"
+    if kind and kind[0] != wanted:
+        raise invalid("Unexpected element type in feature: ", name, " expecting type: ", kind[0])
+    if isinstance(v, dict):
+        _b64_decode(v)
+    elif wanted == "int64" and not isinstance(v, bool) and v > INT64_MAX:
+        raise invalid("Feature: ", name, " has uint64_t element. Only int64_t is supported.")
+    kind[:1] = [wanted]
+
+
+# --------------------------------------------------------------------------------------------
 # Responses
 # --------------------------------------------------------------------------------------------
 def _leaf_texts(name: str, array: np.ndarray) -> list[str]:
-    """Every value of a tensor as JSON text, flat in C order."""
+    """Every value of a tensor as JSON text, flat in C order (AddSingleValueAndAdvance:
+    half and uint16 tensors cannot be written)."""
     kind = array.dtype.kind
+    if array.dtype in (np.float16, np.uint16):
+        raise invalid("Failed to write JSON value for tensor type: ", dtype_string(DT_HALF if kind == "f" else DT_UINT16))
     if kind == "f":
         return format_floats(array)
     if kind == "b":
@@ -642,7 +610,7 @@ def _leaf_texts(name: str, array: np.ndarray) -> list[str]:
             if as_bytes:
                 texts.append('{"b64": "' + base64.b64encode(raw).decode("ascii") + '"}')
             else:
-                texts.append(json.dumps(raw.decode("utf-8", errors="replace"), ensure_ascii=False))
+                texts.append(rj.write_string(raw.decode("utf-8", "surrogateescape")))
         return texts
     raise invalid("Failed to write JSON value for tensor type: ", array.dtype)
 
@@ -677,7 +645,7 @@ def make_json_from_tensors(outputs: Mapping[str, np.ndarray], fmt: str) -> str:
         texts = {n: _nest(_leaf_texts(n, arrays[n]), arrays[n].shape) for n in names}
         if len(names) == 1:
             return '{\n    "outputs": ' + texts[names[0]] + "\n}"
-        parts = [f'        {json.dumps(n)}: {texts[n]}' for n in names]
+        parts = [f'        {rj.write_string(n)}: {texts[n]}' for n in names]
         return '{\n    "outputs": {\n' + ",\n".join(parts) + "\n    }\n}"
     if fmt != ROW:
         raise invalid("Invalid request format")
@@ -695,7 +663,7 @@ def make_json_from_tensors(outputs: Mapping[str, np.ndarray], fmt: str) -> str:
     rows = {n: _rows(_leaf_texts(n, arrays[n]), arrays[n].shape) for n in names}
     if len(names) == 1:
         return '{\n    "predictions": [' + ", ".join(rows[names[0]]) + "]\n}"
-    keys = {n: f'            {json.dumps(n)}: ' for n in names}
+    keys = {n: f'            {rj.write_string(n)}: ' for n in names}
     items = ["        {\n" + ",\n".join(keys[n] + rows[n][i] for n in names) + "\n        }"
              for i in range(batch)]
     return '{\n    "predictions": [\n' + ",\n".join(items) + "\n    ]\n}"
@@ -703,4 +671,4 @@ def make_json_from_tensors(outputs: Mapping[str, np.ndarray], fmt: str) -> str:
 
 def error_json(message: str) -> str:
     """MakeJsonFromStatus: {"error": "<message>"} (pretty, UTF-8 kept as is)."""
-    return '{\n    "error": ' + json.dumps(message, ensure_ascii=False) + "\n}"
+    return '{\n    "error": ' + rj.write_string(message) + "\n}"

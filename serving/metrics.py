@@ -28,7 +28,9 @@ PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     def escape(v: str) -> str:
-        return v.replace("\\", "\\\\").replace('"', '\\"')
+        # The text format's label escapes: backslash, double quote and line feed
+        # (prometheus.io/docs/instrumenting/exposition_formats); anything else stays as is.
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
     return ",".join(f'{k}="{escape(v)}"' for k, v in pairs)
 

@@ -11,8 +11,9 @@
 code the Pi runs) and sends raw uint8 pixels; with --bytes it sends the file itself and
 the model's serving_bytes signature decodes it. .npy files hold uint8 [28, 28] or
 [N, 28, 28] pixels. `testset` sends the MNIST test set (IDX files) in --batch-size
-requests and prints accuracy and per-request latency (p50/p99); --report saves them as
-JSON with the resolved config.
+predictions (each sent in requests of at most --max-batch-size images, 256: what TF Serving
+accepts with our batching file) and prints accuracy and latency per prediction (p50/p99);
+--report saves them as JSON with the resolved config.
 
 REST needs only requests + numpy; --protocol grpc needs tensorflow-serving-api.
 
@@ -41,7 +42,8 @@ import numpy as np
 from model import configlib, contract
 from model.configlib import ConfigError, field
 from serving.client import (
-    InputError, Prediction, RestClient, RetryPolicy, ServingError, read_picture_bytes,
+    DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, RestClient, RetryPolicy, ServingError,
+    read_picture_bytes,
 )
 
 COMMANDS = ("status", "metadata", "predict", "testset")
@@ -63,7 +65,11 @@ class QueryConfig:
     bytes: bool = field(False, "predict: send the files themselves through serving_bytes (b64)")
     data_dir: Path = field(Path("tests/data"), "testset: folder with the MNIST IDX files")
     limit: int = field(0, "testset: use the first N test images (0 = all)")
-    batch_size: int = field(1, "testset: images per request")
+    batch_size: int = field(1, "testset: images per prediction (sent in requests of at most --max-batch-size)")
+    max_batch_size: int = field(
+        DEFAULT_MAX_BATCH_SIZE, "most images per request: the server's batching max_batch_size, "
+        "above which TF Serving refuses a request"
+    )
     report: Path | None = field(None, "testset: write the results and this config as JSON here")
     json: bool = field(False, "print machine-readable JSON")
 
@@ -76,6 +82,8 @@ class QueryConfig:
             raise ConfigError("--retries must be >= 0")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
+        if self.max_batch_size < 1:
+            raise ConfigError("--max-batch-size must be >= 1")
         if self.limit < 0:
             raise ConfigError("--limit must be >= 0")
 
@@ -107,9 +115,9 @@ def make_client(config: QueryConfig) -> Any:
         from serving.grpc_client import GrpcClient
 
         return GrpcClient(f"{config.host}:{config.grpc_port}", config.model, config.version,
-                          config.label, config.timeout, retry)
+                          config.label, config.timeout, retry, max_batch_size=config.max_batch_size)
     return RestClient(f"http://{config.host}:{config.rest_port}", config.model, config.version,
-                      config.label, config.timeout, retry)
+                      config.label, config.timeout, retry, max_batch_size=config.max_batch_size)
 
 
 # --------------------------------------------------------------------------------------------

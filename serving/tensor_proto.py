@@ -17,25 +17,47 @@ from typing import Any
 
 import numpy as np
 
-from serving import json_tensor as jt
+from serving import protocol
 
 # Which repeated field carries each dtype's values when tensor_content is empty.
 _FIELD = {
-    jt.DT_FLOAT: "float_val", jt.DT_DOUBLE: "double_val", jt.DT_INT32: "int_val",
-    jt.DT_UINT8: "int_val", jt.DT_INT16: "int_val", jt.DT_INT8: "int_val",
-    jt.DT_UINT16: "int_val", jt.DT_STRING: "string_val", jt.DT_INT64: "int64_val",
-    jt.DT_BOOL: "bool_val", jt.DT_HALF: "half_val", jt.DT_UINT32: "uint32_val",
-    jt.DT_UINT64: "uint64_val",
+    protocol.DT_FLOAT: "float_val", protocol.DT_DOUBLE: "double_val", protocol.DT_INT32: "int_val",
+    protocol.DT_UINT8: "int_val", protocol.DT_INT16: "int_val", protocol.DT_INT8: "int_val",
+    protocol.DT_UINT16: "int_val", protocol.DT_STRING: "string_val", protocol.DT_INT64: "int64_val",
+    protocol.DT_BOOL: "bool_val", protocol.DT_HALF: "half_val", protocol.DT_UINT32: "uint32_val",
+    protocol.DT_UINT64: "uint64_val",
 }
 
 
 # tensor_content's byte order for each numeric dtype (computed once: this runs per request).
-_LITTLE = {dt: np.dtype(np_dtype).newbyteorder("<") for dt, (_name, np_dtype) in jt.DTYPES.items()
-           if dt != jt.DT_STRING}
+_LITTLE = {dt: np.dtype(np_dtype).newbyteorder("<") for dt, (_name, np_dtype) in protocol.DTYPES.items()
+           if dt != protocol.DT_STRING}
 
 
 class TensorProtoError(ValueError):
     """The proto does not describe a valid tensor (TF's FromProto would fail)."""
+
+
+class TensorTooLarge(TensorProtoError):
+    """The tensor would take more memory than the caller allows once decoded (`nbytes`)."""
+
+    def __init__(self, nbytes: int, limit: int):
+        super().__init__(f"decodes to {nbytes} bytes, more than the limit of {limit}")
+        self.nbytes, self.limit = nbytes, limit
+
+
+def decoded_bytes(proto: Any) -> int:
+    """The memory a TensorProto's values take once decoded, from its shape alone: elements x
+    itemsize, or for strings 8 bytes (a pointer) per element plus the bytes of the values
+    given (the padding repeats the last one without copying it). A 60-byte proto can declare
+    a tensor of gigabytes: TF fills every element with the last value given."""
+    dt = int(proto.dtype)
+    count = math.prod(shape_of(proto))
+    if dt == protocol.DT_STRING:
+        return 8 * count + sum(len(v) for v in proto.string_val)
+    if dt not in _LITTLE:
+        raise TensorProtoError(f"unsupported dtype {protocol.dtype_string(dt)}")
+    return count * _LITTLE[dt].itemsize
 
 
 def shape_of(proto: Any) -> tuple[int, ...]:
@@ -48,15 +70,23 @@ def shape_of(proto: Any) -> tuple[int, ...]:
     return dims
 
 
-def to_ndarray(proto: Any) -> np.ndarray:
-    """A TensorProto's values as a numpy array (bytes objects for DT_STRING)."""
+def to_ndarray(proto: Any, max_bytes: int | None = None) -> np.ndarray:
+    """A TensorProto's values as a numpy array (bytes objects for DT_STRING).
+
+    Raises TensorProtoError for a proto TF's Tensor::FromProto refuses, and TensorTooLarge,
+    before allocating anything, when its decoded size exceeds `max_bytes`.
+    """
     dt = int(proto.dtype)
-    if dt not in jt.DTYPES:
-        raise TensorProtoError(f"unsupported dtype {jt.dtype_string(dt)}")
+    if dt not in protocol.DTYPES:
+        raise TensorProtoError(f"unsupported dtype {protocol.dtype_string(dt)}")
     shape = shape_of(proto)
+    if max_bytes is not None:
+        size = decoded_bytes(proto)
+        if size > max_bytes:
+            raise TensorTooLarge(size, max_bytes)
     count = math.prod(shape)
-    np_dtype = jt.DTYPES[dt][1]
-    if dt == jt.DT_STRING:
+    np_dtype = protocol.DTYPES[dt][1]
+    if dt == protocol.DT_STRING:
         values = list(proto.string_val)
         array = np.empty(count, dtype=object)
         if values:
@@ -72,14 +102,14 @@ def to_ndarray(proto: Any) -> np.ndarray:
         if len(content) != count * little.itemsize:
             raise TensorProtoError(
                 f"tensor_content holds {len(content)} bytes, shape {list(shape)} "
-                f"of {jt.dtype_string(dt)} needs {count * little.itemsize}"
+                f"of {protocol.dtype_string(dt)} needs {count * little.itemsize}"
             )
         # A writable copy in native byte order.
         return np.frombuffer(content, dtype=little).astype(np_dtype).reshape(shape)
     field = getattr(proto, _FIELD[dt])
-    if dt == jt.DT_HALF:
+    if dt == protocol.DT_HALF:
         raw = np.asarray(field, dtype=np.uint16).view(np.float16)
-    elif dt in (jt.DT_UINT8, jt.DT_INT8, jt.DT_INT16, jt.DT_UINT16):
+    elif dt in (protocol.DT_UINT8, protocol.DT_INT8, protocol.DT_INT16, protocol.DT_UINT16):
         raw = np.asarray(field, dtype=np.int64).astype(np_dtype)  # C-style narrowing
     else:
         raw = np.asarray(field, dtype=np_dtype)
@@ -107,12 +137,12 @@ def fill(proto: Any, array: np.ndarray, as_fields: bool = False) -> Any:
     for responses (Tensor::AsProtoField). Strings always go to string_val.
     """
     array = np.asarray(array)
-    dt = jt.dtype_of_array(array)
+    dt = protocol.dtype_of_array(array)
     proto.dtype = dt
     dims = proto.tensor_shape.dim
     for size in array.shape:
         dims.add().size = int(size)
-    if dt == jt.DT_STRING:
+    if dt == protocol.DT_STRING:
         flat = array.reshape(-1)
         proto.string_val.extend(x if isinstance(x, bytes) else str(x).encode("utf-8") for x in flat)
         return proto
@@ -120,7 +150,7 @@ def fill(proto: Any, array: np.ndarray, as_fields: bool = False) -> Any:
         proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
         return proto
     flat = array.reshape(-1)
-    if dt == jt.DT_HALF:
+    if dt == protocol.DT_HALF:
         proto.half_val.extend(flat.view(np.uint16).astype(np.int32).tolist())
     else:
         getattr(proto, _FIELD[dt]).extend(flat.tolist())

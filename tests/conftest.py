@@ -12,6 +12,9 @@ Session fixtures (expensive, built once, read-only for tests):
   (`copy_serving_base`), never modify these.
 
 Set MNIST_TEST_KEEP=1 to keep the session's folder for inspection.
+
+Every process a test starts must be stopped when the test ends, pass or fail: the
+process_guard plugin fails the session, naming them, if any survives (tests/process_guard.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest_plugins = ["tests.process_guard"]
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = REPO / "tests" / "data"

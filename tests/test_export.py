@@ -20,6 +20,7 @@ from export.pipeline import EXIT_GATE_REFUSED
 from model import contract
 
 from .conftest import REPO, python_env
+from .process_guard import stopping
 
 # Stated tolerances of the parity test (probabilities, max |difference| vs Keras).
 PARITY_TOLERANCE = {"saved_model": 1e-5, "float32": 1e-4, "float16": 5e-3, "dynamic": 0.1, "int8": 0.1}
@@ -186,21 +187,21 @@ def test_versions_only_grow_and_are_never_overwritten(tmp_path):
 def test_kill_during_export_leaves_no_numeric_folder(tmp_path, exported):
     """SIGKILL the real exporter while it writes; TF Serving must never see a version."""
     serving = tmp_path / "serving"
-    proc = subprocess.Popen(
+    model_dir = serving / "mnist"
+    with stopping(subprocess.Popen(
         [sys.executable, "-m", "export", "--run", str(exported.run_dir), "--serving-base", str(serving),
          "--no-tflite", "--min-accuracy", "0"],
         cwd=REPO, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    model_dir = serving / "mnist"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        tmps = [p for p in model_dir.glob(f"{sm.TMP_PREFIX}*")] if model_dir.exists() else []
-        if tmps and any(any(t.rglob("*")) for t in tmps):
-            break
-        assert proc.poll() is None, "the exporter finished before it could be killed"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    )) as proc:  # stopped even when an assertion below fails first
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            tmps = [p for p in model_dir.glob(f"{sm.TMP_PREFIX}*")] if model_dir.exists() else []
+            if tmps and any(any(t.rglob("*")) for t in tmps):
+                break
+            assert proc.poll() is None, "the exporter finished before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert sm.numeric_versions(model_dir) == []
     assert [p for p in model_dir.glob(f"{sm.TMP_PREFIX}*")], "the kill should leave the temporary folder"
     # The next publish cleans up after the dead writer.

@@ -1,19 +1,17 @@
-"""The MLP's interface, the training config and its flags, and the GPU check on this CPU machine."""
+"""The MLP's interface, the training config and its flags (the GPU check: tests/test_gpu.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from model import configlib, contract, gpu
+from model import configlib, contract
 from model.train import TrainConfig
 
-from .conftest import REPO, python_env
+from .conftest import REPO
 
 
 # --- the network ---------------------------------------------------------------------------
@@ -124,78 +122,3 @@ def test_make_help_lists_every_target():
     assert {"setup", "train", "test", "gpu-check", "export", "bench-train"} <= set(targets)
     for target in targets:
         assert target in out
-
-
-# --- the GPU check -------------------------------------------------------------------------
-
-def test_gpu_check_reports_no_gpu_here():
-    report = gpu.check_gpu(require_gpu=False)
-    assert report.tensorflow_version and report.keras_version
-    assert report.gpus == [] and not report.gpu_usable and not report.mixed_precision
-    assert report.problems, "no GPU must come with a diagnosis"
-    assert "no usable GPU" in report.mixed_precision_reason
-    assert "TensorFlow sees no GPU" in report.summary()
-
-
-def test_require_gpu_exits_with_its_own_code_and_the_diagnosis(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "model.gpu", "--require-gpu", "--out", str(tmp_path / "r.json")],
-        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == gpu.EXIT_NO_GPU == 3
-    assert "No usable GPU, and --require-gpu was given" in proc.stderr
-    assert "nvidia-smi" in proc.stderr  # this machine's likely cause
-    assert not (tmp_path / "r.json").exists()
-
-
-def test_train_with_require_gpu_stops_before_training(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "model.train", "--require-gpu", "--data-dir", str(REPO / "tests" / "data"),
-         "--out", str(tmp_path / "runs")],
-        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "No usable GPU" in proc.stderr
-    assert not (tmp_path / "runs").exists()  # nothing written: it stopped before training
-
-
-def test_gpu_check_without_require_warns_and_succeeds(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "model.gpu", "--out", str(tmp_path / "r.json")],
-        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0
-    assert "WARNING: no usable GPU" in proc.stderr
-    saved = json.loads((tmp_path / "r.json").read_text())
-    assert saved["gpu_usable"] is False and saved["tensorflow_version"]
-
-
-def _report(**kw):
-    base = dict(tensorflow_version="2.21.0", built_with_cuda=True, built_cuda_version="12.5.1",
-                nvidia_smi={"driver_version": "535", "cuda_version": "12.2", "gpus": [{"name": "T4"}]})
-    base.update(kw)
-    return gpu.GpuReport(**base)
-
-
-def test_diagnosis_names_causes_and_fixes(monkeypatch):
-    monkeypatch.setattr(gpu, "_read_text", lambda path: "")
-    monkeypatch.setattr(gpu, "_can_load", lambda names: True)
-    old_driver = gpu.diagnose(_report())
-    assert any("driver is older than the CUDA runtime" in p for p in old_driver)
-
-    cpu_build = gpu.diagnose(_report(built_with_cuda=False, nvidia_smi=None))
-    assert any("pip install 'tensorflow[and-cuda]==2.21.0'" in p for p in cpu_build)
-    assert any("nvidia-smi was not found" in p for p in cpu_build)
-
-    hidden = gpu.diagnose(_report(cuda_visible_devices="-1"))
-    assert any("CUDA_VISIBLE_DEVICES='-1' hides every GPU" in p for p in hidden)
-
-    monkeypatch.setattr(gpu, "_can_load", lambda names: False)
-    no_libs = gpu.diagnose(_report(nvidia_smi={"driver_version": "550", "cuda_version": "12.4", "gpus": []}))
-    assert any("not on the library path" in p and "LD_LIBRARY_PATH" in p for p in no_libs)
-
-    monkeypatch.setattr(gpu, "_read_text", lambda path: "Linux version 5.15 microsoft-standard-WSL2")
-    assert any("WSL2" in p for p in gpu.diagnose(_report()))
-
-    monkeypatch.setattr(gpu.sys, "platform", "win32")
-    assert any("Native Windows" in p and "2.11" in p for p in gpu.diagnose(_report()))

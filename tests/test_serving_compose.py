@@ -24,7 +24,8 @@ from tests.serving_fixtures import COMPOSE_TOOL, REPO, compose_command
 COMPOSE_FILE = REPO / "serving" / "compose.yaml"
 SERVICE, GPU_SERVICE = "tfserving", "tfserving-gpu"
 # What the compose file reads from the environment (the Makefile's COMPOSE_ENV).
-COMPOSE_VARIABLES = ("MODEL_BASE", "REST_PORT", "GRPC_PORT", "TF_SERVING_TAG")
+COMPOSE_VARIABLES = ("MODEL_BASE", "REST_PORT", "GRPC_PORT", "BIND_ADDRESS", "TF_SERVING_TAG")
+LOOPBACK = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,16 @@ def _makefile_default(variable: str) -> str:
     return match.group(1)
 
 
-def _check_service(service: dict, models_source: Path, rest_port: str, grpc_port: str) -> None:
+def _check_service(service: dict, models_source: Path, rest_port: str, grpc_port: str,
+                   bind_address: str = LOOPBACK) -> None:
     assert service["entrypoint"] == ["tensorflow_model_server"]
     flags = dict(arg[2:].split("=", 1) for arg in service["command"])
     assert (flags["port"], flags["rest_api_port"]) == ("8500", "8501")
     ports = {p["target"]: p["published"] for p in service["ports"]}
     assert ports == {8500: grpc_port, 8501: rest_port}
     assert all(p["protocol"] == "tcp" for p in service["ports"])
+    # Published on one host address only: without host_ip Docker listens on every interface.
+    assert [p.get("host_ip") for p in service["ports"]] == [bind_address, bind_address]
 
     mounts = {v["target"]: v for v in service["volumes"]}
     assert all(v["type"] == "bind" and v.get("read_only") for v in mounts.values()), mounts
@@ -77,11 +81,14 @@ def _check_service(service: dict, models_source: Path, rest_port: str, grpc_port
     assert "/dev/tcp/127.0.0.1/8501" in check and f"/v1/models/{contract.MODEL_NAME}" in check
 
 
-def test_compose_defaults_serve_artifacts_on_the_standard_ports(resolve):
+def test_compose_defaults_serve_artifacts_on_the_standard_ports_of_this_machine_only(resolve):
     config = resolve()
     assert set(config["services"]) == {SERVICE}  # the GPU service only with its profile
     service = config["services"][SERVICE]
-    _check_service(service, REPO / "artifacts" / "serving", "8501", "8500")
+    _check_service(service, REPO / "artifacts" / "serving", "8501", "8500", bind_address=LOOPBACK)
+    # The Makefile passes the same default, and the local server binds it too.
+    assert _makefile_default("BIND_ADDRESS") == LOOPBACK
+    assert re.search(r"^serve-local:.*\n\t.*--host \$\(BIND_ADDRESS\)", (REPO / "Makefile").read_text(), re.M)
 
     tag = service["image"].removeprefix("tensorflow/serving:")
     assert service["image"] == f"tensorflow/serving:{tag}"
@@ -95,6 +102,14 @@ def test_compose_follows_the_makefile_variables(resolve, tmp_path):
     service = config["services"][SERVICE]
     _check_service(service, tmp_path, "18501", "18500")
     assert service["image"] == "tensorflow/serving:2.99.0"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.0.2.7", "::1"])
+def test_bind_address_exposes_the_ports_where_asked(resolve, address):
+    config = resolve("--profile", "gpu", BIND_ADDRESS=address)
+    for service in (SERVICE, GPU_SERVICE):
+        _check_service(config["services"][service], REPO / "artifacts" / "serving", "8501", "8500",
+                       bind_address=address)
 
 
 def test_compose_gpu_profile_reserves_an_nvidia_gpu(resolve):

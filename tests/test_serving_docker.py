@@ -64,8 +64,8 @@ def container(docker_ready, exported, tmp_path_factory):
     env = {**os.environ, "MODEL_BASE": str(root), "REST_PORT": str(rest), "GRPC_PORT": str(grpc_port),
            "TF_SERVING_TAG": TAG}
     compose = [*compose_command(), "-p", project, "-f", str(REPO / "serving" / "compose.yaml")]
-    subprocess.run([*compose, "up", "-d", "tfserving"], check=True, env=env, timeout=900)
-    try:
+    try:  # `down` even when `up` fails half-way or times out: the container must not outlive the test
+        subprocess.run([*compose, "up", "-d", "tfserving"], check=True, env=env, timeout=900)
         url = f"http://127.0.0.1:{rest}"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

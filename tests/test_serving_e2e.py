@@ -232,7 +232,17 @@ UNDECODABLE = base64.b64encode(b"this is not a picture").decode()
     ("GET", "/v1/models/mnist:predict", None, 400, "Malformed request: GET /v1/models/mnist:predict"),
     ("PUT", "/v1/models/mnist", None, 400, "Malformed request: PUT /v1/models/mnist"),
     ("GET", "/v1/models", None, 400, "Missing model name in request."),
-    ("POST", "/v1/models/mnist:classify", '{"examples": []}', 501, "implements :predict only"),
+    # json_tensor.cc FillClassifyRegressRequestFromJson, then classifier.cc / regressor.cc on
+    # our predict signatures (TF Serving answers 400 with these, not 501).
+    ("POST", "/v1/models/mnist:classify", '{"examples": []}', 400,
+     'JSON Value: {\n    "examples": []\n} \'examples\' value is an empty array'),
+    ("POST", "/v1/models/mnist:regress", "{}", 400,
+     "JSON Value: {} When method is classify, key 'examples' is expected and was not found"),
+    ("POST", "/v1/models/mnist:classify", '{"examples": [{"x": [1.5]}]}', 400,
+     "No classification inputs found in SignatureDef: inputs {\n  key: \"image\""),
+    ("POST", "/v1/models/mnist:regress", '{"signature_name": "serving_bytes", "examples": [{}]}', 400,
+     "Expected one output Tensor."),
+    ("POST", "/v1/models/nope:classify", '{"examples": [{}]}', 404, "Servable not found for request: Latest(nope)"),
 ])
 def test_rest_errors(server, images, method, path, body, status, message):
     response = requests.request(method, server.rest_url + path, data=body, timeout=30)
@@ -276,7 +286,10 @@ def test_grpc_errors(server, images):
         (request(version=9), "NOT_FOUND", "Servable not found for request: Specific(mnist, 9)"),
         (request(label="nope"), "INVALID_ARGUMENT", "Unrecognized servable version label: nope"),
         (request(array=images[:1].astype(np.float32)), "INVALID_ARGUMENT", "Expects arg[0] to be uint8 but float is provided"),
-        (request(key="pixels"), "INVALID_ARGUMENT", "input tensor alias not found in signature: pixels"),
+        # TensorFlow 2.21's GetInputValues (tensorflow/cc/saved_model/util.cc).
+        (request(key="pixels"), "INVALID_ARGUMENT", "Signature input alias: image(feed name: "),
+        (request(key="pixels"), "INVALID_ARGUMENT", ") not found in request and no default value provided. "
+                                                    "Inputs expected to be in the request {pixels}, or default input alias set: "),
         (request(extra=True), "INVALID_ARGUMENT",
          "input size does not match signature: 2!=1 len({extra,image}) != len({image}). Sent extra: {extra}"),
         (request(output_filter=["nope"]), "INVALID_ARGUMENT", "output tensor alias not found in signature: nope"),
@@ -329,6 +342,115 @@ def test_metrics_page(server, images):
     assert '# TYPE :tensorflow:serving:request_count counter' in response.text
     assert ':tensorflow:serving:request_count{model_name="mnist",status="OK"}' in response.text
     assert ":tensorflow:serving:request_latency_bucket" in response.text
+
+
+# --------------------------------------------------------------------------------------------
+# TF Serving 2.21's answers, end to end (details in test_serving_compat.py)
+# --------------------------------------------------------------------------------------------
+def test_requests_over_max_batch_size_are_refused_rest_and_grpc(server, images):
+    """shared_batch_scheduler.h: with our batching file, more than 256 rows is INVALID_ARGUMENT,
+    large-batch splitting or not."""
+    import grpc
+    from tensorflow.core.framework import tensor_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving import tensor_proto
+
+    big = np.resize(images, (257, 28, 28))
+    message = "Task size 257 is larger than maximum input batch size 256"
+    refused = requests.post(predict_url(server), json={"instances": big.tolist()}, timeout=120)
+    assert refused.status_code == 400 and error_of(refused) == message
+    assert requests.post(predict_url(server), json={"instances": big[:256].tolist()}, timeout=120).status_code == 200
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = contract.MODEL_NAME
+        request.inputs[contract.INPUT_PIXELS].CopyFrom(tensor_proto.from_ndarray(big, tensor_pb2.TensorProto))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(request, timeout=120)
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def test_clients_send_large_inputs_in_requests_the_server_accepts(server, base, fixture_mnist):
+    from serving.client import RestClient
+    from serving.grpc_client import GrpcClient
+
+    many = fixture_mnist.test.images[:600]  # three requests of at most 256
+    reference = saved_model_outputs(base / contract.MODEL_NAME / "2", many)
+    with RestClient(server.rest_url, timeout=120) as client:
+        rest = client.predict(many)
+    with GrpcClient(server.grpc_target, timeout=120) as client:
+        grpc_answer = client.predict(many)
+    for prediction in (rest, grpc_answer):
+        assert_same(prediction.digits, prediction.probabilities, reference)
+    assert grpc_answer.model_version == 2
+
+
+def test_rest_reads_bodies_as_tf_serving_does(server, images, expected, pictures, expected_bytes):
+    # rapidjson's kParseStopWhenDoneFlag: bytes after the document are not read.
+    body = json.dumps({"instances": images[:2].tolist()}) + "\n(and whatever follows is ignored"
+    answer = requests.post(predict_url(server), data=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert_same([p["digit"] for p in predictions], [p["probabilities"] for p in predictions],
+                {k: v[:2] for k, v in expected.items()})
+    # abseil's base64 skips whitespace: MIME-wrapped base64 decodes (../shared/cases R4a's kind).
+    body = {"signature_name": "serving_bytes", "instances": [{"b64": base64.encodebytes(p).decode()} for p in pictures[:2]]}
+    answer = requests.post(predict_url(server), json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert_same([p["digit"] for p in predictions], [p["probabilities"] for p in predictions],
+                {k: v[:2] for k, v in expected_bytes.items()})
+    # rapidjson's errors at its offsets (R1a, R2), and an empty object row (K1).
+    pixels = json.dumps({"instances": images[:1].tolist()})
+    for data, message in [
+        ("'" + pixels + "'", "JSON Parse error: Invalid value. at offset: 0"),
+        (pixels.replace("0,", "0.,", 1), f"JSON Parse error: Miss fraction part in number. at offset: {pixels.index('0,') + 2}"),
+        ('{"instances": [{"image": %s}, {}]}' % json.dumps(images[0].tolist()),
+         "Failed to process element: 1 of 'instances' list. JSON object: {} keys must be equal to: image"),
+    ]:
+        answer = requests.post(predict_url(server), data=data, timeout=30)
+        assert (answer.status_code, error_of(answer)) == (400, message)
+
+
+def test_cors_preflights_are_answered_as_tf_serving_does(server):
+    """http_server.cc: OPTIONS on any /v1/ path is OK with an Origin header, else
+    FAILED_PRECONDITION (400); no body either way (this server has CORS headers off)."""
+    url = f"{server.rest_url}/v1/models/mnist:predict"
+    with_origin = requests.options(url, headers={"Origin": "https://example.org"}, timeout=10)
+    without = requests.options(url, timeout=10)
+    assert (with_origin.status_code, with_origin.content) == (200, b"")
+    assert (without.status_code, without.content) == (400, b"")
+    assert "Access-Control-Allow-Origin" not in with_origin.headers
+
+
+def test_expect_100_continue_is_answered(server, images):
+    import socket
+
+    body = json.dumps({"instances": images[:1].tolist()}).encode()
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=60) as sock:
+        sock.sendall(f"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # as curl waits for it
+        sock.sendall(body)
+        assert sock.recv(64).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_grpc_classify_and_regress_on_predict_signatures(server):
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc, regression_pb2
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for call, request, message in [
+            (stub.Classify, classification_pb2.ClassificationRequest(model_spec={"name": "mnist"}),
+             "No classification inputs found in SignatureDef: inputs {"),
+            (stub.Regress, regression_pb2.RegressionRequest(model_spec={"name": "mnist"}), "Expected one output Tensor."),
+            (stub.Classify, classification_pb2.ClassificationRequest(), "Missing ModelSpec"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,6 +555,10 @@ def test_cli_testset_report(server, fixture_data_dir, base, fixture_mnist, tmp_p
     accuracy = float((reference["digit"] == fixture_mnist.test.labels[:100]).mean())
     assert saved["result"]["accuracy"] == pytest.approx(accuracy)
     assert saved["result"]["requests"] == 10 and saved["config"]["batch_size"] == 10
+    # Predictions of more images than the server takes in one request go as several.
+    large = run_query("--rest-port", str(server.rest_port), "testset", "--data-dir", str(fixture_data_dir),
+                      "--limit", "300", "--batch-size", "300")
+    assert large.returncode == 0, large.stderr
 
 
 def test_cli_failures_have_clear_messages_and_exit_codes(server, images, tmp_path):

@@ -16,13 +16,14 @@ import pytest
 
 from serving import batching, config_files
 from serving import json_tensor as jt
+from serving import protocol as pr
 from serving import tensor_proto
 from serving.client import (
     InputError, RetryPolicy, ServerFailure, TensorSpec, check_tensor, with_retries,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_INFO = {"image": jt.DT_UINT8}
+IMAGE_INFO = {"image": pr.DT_UINT8}
 
 
 def fill(doc, infos=IMAGE_INFO, may_have_bools=True):
@@ -46,15 +47,15 @@ def test_row_and_columnar_give_the_same_batched_tensor():
 
 def test_fast_numeric_path_agrees_with_tf_serving_walk():
     rng = np.random.default_rng(1)
-    for dt, values in ((jt.DT_UINT8, rng.integers(-5, 300, (4, 3, 2))),
-                       (jt.DT_FLOAT, rng.normal(size=(5, 2))), (jt.DT_INT64, rng.integers(-9, 9, (6,)))):
+    for dt, values in ((pr.DT_UINT8, rng.integers(-5, 300, (4, 3, 2))),
+                       (pr.DT_FLOAT, rng.normal(size=(5, 2))), (pr.DT_INT64, rng.integers(-9, 9, (6,)))):
         infos = {"x": dt}
         fast = fill({"inputs": values.tolist()}, infos, may_have_bools=False).tensors["x"]
         # Forcing the slow walk: a bool-free body that we claim may hold bools still must
         # not change the result, and the element-by-element walk must agree.
         walked = jt._to_array(*_walk(values.tolist(), dt))
         np.testing.assert_array_equal(fast, walked)
-        assert fast.dtype == walked.dtype == jt.DTYPES[dt][1]
+        assert fast.dtype == walked.dtype == pr.DTYPES[dt][1]
 
 
 def _walk(value, dt):
@@ -72,16 +73,14 @@ def test_uint8_values_are_narrowed_like_tf_serving():
 
 
 @pytest.mark.parametrize("doc, infos, message", [
-    ({"instances": [[1, 2], [3]]}, {"x": jt.DT_INT32},
+    ({"instances": [[1, 2], [3]]}, {"x": pr.DT_INT32},
      "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: Expecting tensor size: 2 but got: 1"),
-    ({"instances": [[1, 2], [[3], [4]]]}, {"x": jt.DT_INT32}, "Expecting shape [2] but got: [2,1]"),
+    ({"instances": [[1, 2], [[3], [4]]]}, {"x": pr.DT_INT32}, "Expecting shape [2] but got: [2,1]"),
     ({"instances": [[0.5]]}, IMAGE_INFO, "JSON Value: 0.5 Type: Number is not of expected type: uint8"),
     ({"instances": [[True]]}, IMAGE_INFO, "JSON Value: true Type: True is not of expected type: uint8"),
     ({"inputs": [[1, True]]}, IMAGE_INFO, "Type: True is not of expected type: uint8"),
     ({"instances": [["7"]]}, IMAGE_INFO, 'JSON Value: "7" Type: String is not of expected type: uint8'),
-    ({"instances": [[2**31]]}, {"x": jt.DT_INT32}, "is not of expected type: int32"),
-    ({"inputs": [16777217]}, {"x": jt.DT_FLOAT},
-     "Cannot convert JSON value: 16777217 to float without loss of precision."),
+    ({"instances": [[2**31]]}, {"x": pr.DT_INT32}, "is not of expected type: int32"),
     ({"inputs": {"wrong": [1]}}, IMAGE_INFO, "Missing named input: image in 'inputs' object."),
     ({"instances": [{"wrong": [1]}]}, IMAGE_INFO,
      "Failed to process element: 0 key: wrong of 'instances' list. Error: INVALID_ARGUMENT: "
@@ -92,15 +91,15 @@ def test_uint8_values_are_narrowed_like_tf_serving():
      "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"),
     ({"signature_name": "serving_default"}, IMAGE_INFO, "Missing 'inputs' or 'instances' key"),
     ({"signature_name": 5, "instances": [1]}, IMAGE_INFO, "'signature_name' key must be a string value."),
-    ({"instances": [{"b64": "!!!"}]}, {"image_bytes": jt.DT_STRING}, "Unable to base64 decode"),
+    ({"instances": [{"b64": "!!!"}]}, {"image_bytes": pr.DT_STRING}, "Unable to base64 decode"),
     ({"instances": [{"b64": "aGk="}]}, IMAGE_INFO, "Type: Object is not of expected type: uint8"),
-    ({"inputs": [[1, [2]]]}, {"x": jt.DT_INT32}, "Encountered list at unexpected level: 2 expected < 2"),
-    ({"inputs": [[[1], 2]]}, {"x": jt.DT_INT32}, "found at incorrect level: 3 in the JSON DOM. Expected at level: 3"),
-    ({"instances": [1, 2]}, {"a": jt.DT_INT32, "b": jt.DT_INT32},
+    ({"inputs": [[1, [2]]]}, {"x": pr.DT_INT32}, "Encountered list at unexpected level: 2 expected < 2"),
+    ({"inputs": [[[1], 2]]}, {"x": pr.DT_INT32}, "found at incorrect level: 3 in the JSON DOM. Expected at level: 3"),
+    ({"instances": [1, 2]}, {"a": pr.DT_INT32, "b": pr.DT_INT32},
      "instances is a plain list, but expecting list of objects as multiple input tensors"),
 ])
 def test_bad_requests_fail_with_tf_serving_messages(doc, infos, message):
-    with pytest.raises(jt.ApiError) as err:
+    with pytest.raises(pr.ApiError) as err:
         fill(doc, infos)
     assert err.value.code == "INVALID_ARGUMENT"
     assert err.value.http_status == 400
@@ -113,47 +112,49 @@ def test_bad_requests_fail_with_tf_serving_messages(doc, infos, message):
     (b"[1, 2]", "Is not object"),
 ])
 def test_unparsable_bodies(body, message):
-    with pytest.raises(jt.ApiError) as err:
+    with pytest.raises(pr.ApiError) as err:
         jt.parse_json(body)
     assert message in err.value.message and err.value.http_status == 400
 
 
 @pytest.mark.parametrize("use_orjson", [True, False])
 def test_json_parsing_with_and_without_orjson(monkeypatch, use_orjson):
+    from serving import rapidjson_compat
+
     if not use_orjson:
-        monkeypatch.setattr(jt, "_orjson", None)
-    elif jt._orjson is None:
+        monkeypatch.setattr(rapidjson_compat, "_orjson", None)
+    elif rapidjson_compat._orjson is None:
         pytest.skip("orjson is not installed (the json module does the parsing)")
     body = '{"instances": [[1, 2.5, -3, 18446744073709551616]], "signature_name": "s", "x": "\u00e9"}'.encode()
     assert jt.parse_json(body) == json.loads(body)
     assert np.isnan(jt.parse_json(b'{"inputs": [NaN]}')["inputs"][0])
-    with pytest.raises(jt.ApiError, match="JSON Parse error"):
+    with pytest.raises(pr.ApiError, match="JSON Parse error"):
         jt.parse_json(b'{"a": ')
-    with pytest.raises(jt.ApiError, match="Is not object"):
+    with pytest.raises(pr.ApiError, match="Is not object"):
         jt.parse_json(b"[1]")
 
 
 def test_absurdly_nested_values_are_refused_not_crashed_on():
     deep = json.loads("[" * 40 + "1" + "]" * 40)
     for doc in ({"inputs": deep}, {"instances": deep}):
-        with pytest.raises(jt.ApiError, match="nests more than 32 levels"):
-            fill(doc, {"x": jt.DT_INT32})
-    with pytest.raises(jt.ApiError, match="nests too deeply"):
-        jt.parse_json(b'{"inputs": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}")
+        with pytest.raises(pr.ApiError, match="nests more than 32 levels"):
+            fill(doc, {"x": pr.DT_INT32})
+    with pytest.raises(pr.ApiError, match="more than 10000 levels deep"):
+        jt.parse_json(b'{"inputs": ' + b"[" * 20000 + b"1" + b"]" * 20000 + b"}")
 
 
 def test_b64_strings_decode_with_or_without_padding():
     payload = b"\x89PNG\r\n\x1a\nnot really"
     padded = base64.b64encode(payload).decode()
-    parsed = fill({"instances": [{"b64": padded}, {"b64": padded.rstrip("=")}]}, {"image_bytes": jt.DT_STRING})
+    parsed = fill({"instances": [{"b64": padded}, {"b64": padded.rstrip("=")}]}, {"image_bytes": pr.DT_STRING})
     assert list(parsed.tensors["image_bytes"]) == [payload, payload]
-    plain = fill({"inputs": ["abc"]}, {"s": jt.DT_STRING}).tensors["s"]
+    plain = fill({"inputs": ["abc"]}, {"s": pr.DT_STRING}).tensors["s"]
     assert list(plain) == [b"abc"]
 
 
 def test_nan_and_infinity_tokens_are_floats():
     doc = jt.parse_json(b'{"inputs": [NaN, Infinity, -Infinity, 1]}')
-    x = fill(doc, {"x": jt.DT_FLOAT}).tensors["x"]
+    x = fill(doc, {"x": pr.DT_FLOAT}).tensors["x"]
     assert np.isnan(x[0]) and np.isposinf(x[1]) and np.isneginf(x[2]) and x[3] == 1.0
 
 
@@ -185,9 +186,9 @@ def test_response_layouts_row_and_columnar():
 
 
 def test_row_responses_need_consistent_batches():
-    with pytest.raises(jt.ApiError, match="inconsistent batch size"):
+    with pytest.raises(pr.ApiError, match="inconsistent batch size"):
         jt.make_json_from_tensors({"a": np.zeros(2), "b": np.zeros(3)}, jt.ROW)
-    with pytest.raises(jt.ApiError, match="has no shape information"):
+    with pytest.raises(pr.ApiError, match="has no shape information"):
         jt.make_json_from_tensors({"a": np.float32(1)}, jt.ROW)
 
 
@@ -213,13 +214,13 @@ def test_tensor_protos_match_tensorflow_packing():
 def test_short_typed_fields_fill_like_tensorflow():
     from tensorflow.core.framework import tensor_pb2
 
-    proto = tensor_pb2.TensorProto(dtype=jt.DT_FLOAT, float_val=[1.0, 2.0])
+    proto = tensor_pb2.TensorProto(dtype=pr.DT_FLOAT, float_val=[1.0, 2.0])
     proto.tensor_shape.dim.add(size=4)
     np.testing.assert_array_equal(tensor_proto.to_ndarray(proto), [1, 2, 2, 2])
-    empty = tensor_pb2.TensorProto(dtype=jt.DT_INT32)
+    empty = tensor_pb2.TensorProto(dtype=pr.DT_INT32)
     empty.tensor_shape.dim.add(size=3)
     np.testing.assert_array_equal(tensor_proto.to_ndarray(empty), [0, 0, 0])
-    bad = tensor_pb2.TensorProto(dtype=jt.DT_UINT8, tensor_content=b"\x00" * 5)
+    bad = tensor_pb2.TensorProto(dtype=pr.DT_UINT8, tensor_content=b"\x00" * 5)
     bad.tensor_shape.dim.add(size=4)
     with pytest.raises(tensor_proto.TensorProtoError, match="5 bytes"):
         tensor_proto.to_ndarray(bad)
@@ -285,17 +286,18 @@ def _params(**kw):
 
 def test_concurrent_tasks_run_as_one_batch_and_each_gets_its_own_rows():
     sizes = []
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         sizes.append(len(inputs["x"]))
-        gate.wait(5)  # the first batch blocks until everything else is queued
+        started.set()
+        gate.wait(30)  # the first batch blocks until everything else is queued
         return {"y": inputs["x"] * 2}
 
     queue = batching.BatchQueue(run, _params())
     try:
         first = queue.submit({"x": np.array([[100]])}, 1)
-        time.sleep(0.1)  # the worker is now busy with the first task
+        assert started.wait(30)  # the worker is now busy with the first task
         futures = [queue.submit({"x": np.array([[i], [i + 1000]])}, 2) for i in range(6)]
         gate.set()
         assert first.result(5)["y"].tolist() == [[200]]
@@ -307,12 +309,13 @@ def test_concurrent_tasks_run_as_one_batch_and_each_gets_its_own_rows():
 
 
 def test_a_failing_task_fails_alone():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     sizes = []
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         sizes.append(len(inputs["x"]))
-        gate.wait(5)
+        started.set()
+        gate.wait(30)
         if (inputs["x"] < 0).any():
             raise jt.invalid("negative pixel")
         return {"y": inputs["x"] + 1}
@@ -320,13 +323,13 @@ def test_a_failing_task_fails_alone():
     queue = batching.BatchQueue(run, _params())
     try:
         first = queue.submit({"x": np.array([0])}, 1)
-        time.sleep(0.1)  # the worker holds the first task; the next three queue up together
+        assert started.wait(30)  # the worker holds the first task; the next three queue up together
         futures = [queue.submit({"x": np.array([v])}, 1) for v in (1, -1, 2)]
         gate.set()
         assert first.result(5)["y"].tolist() == [1]
         assert futures[0].result(5)["y"].tolist() == [2]
         assert futures[2].result(5)["y"].tolist() == [3]
-        with pytest.raises(jt.ApiError, match="negative pixel"):
+        with pytest.raises(pr.ApiError, match="negative pixel"):
             futures[1].result(5)
         assert sizes == [1, 3, 1, 1, 1]  # the batch of three failed, then each ran alone
     finally:
@@ -335,13 +338,14 @@ def test_a_failing_task_fails_alone():
 
 
 def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     threads = []
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         threads.append(threading.current_thread().name)
         if inputs["x"][0] == 1:
-            gate.wait(5)
+            started.set()
+            gate.wait(30)
         return {"y": inputs["x"]}
 
     arriving = [0]
@@ -352,8 +356,8 @@ def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
         arriving[0] = 1  # someone else is on the way: queue instead, so they can batch
         assert queue.run_inline_if_idle({"x": np.array([0])}, 1) is None
         arriving[0] = 0
-        busy = queue.submit({"x": np.array([1])}, 1)  # a worker is now running a batch
-        time.sleep(0.1)
+        busy = queue.submit({"x": np.array([1])}, 1)
+        assert started.wait(30)  # a worker is now running a batch
         assert queue.run_inline_if_idle({"x": np.array([0])}, 1) is None
         gate.set()
         assert busy.result(5)["y"].tolist() == [1] and threads[-1] == "q-0"
@@ -364,24 +368,27 @@ def test_a_lone_task_runs_inline_only_when_the_queue_is_idle():
 
 @pytest.mark.parametrize("parallel_min_rows", [1, 4])
 def test_a_second_worker_joins_a_running_batch_only_for_enough_rows(parallel_min_rows):
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     sizes = []
 
-    def run(inputs):
+    def run(inputs, timeout=None):
         sizes.append(len(inputs["x"]))
         if inputs["x"][0] < 0:
-            gate.wait(5)  # the first batch holds one worker
+            started.set()
+            gate.wait(30)  # the first batch holds one worker
         return {"y": inputs["x"]}
 
     queue = batching.BatchQueue(run, _params(num_batch_threads=2), parallel_min_rows=parallel_min_rows)
     try:
         first = queue.submit({"x": np.array([-1])}, 1)
-        time.sleep(0.1)
+        assert started.wait(30)
         small = [queue.submit({"x": np.array([i])}, 1) for i in (1, 2)]
         if parallel_min_rows == 1:  # TF Serving's way: the idle worker runs them at once
             assert [f.result(5)["y"].tolist() for f in small] == [[1], [2]]
         else:  # too few rows to run beside the busy worker: they wait for it
-            time.sleep(0.3)
+            # The idle worker runs only when a submit wakes it, and none did (no clock
+            # involved: the decision is taken inside submit, under the queue's lock).
+            assert queue._waking == 0 and queue._pending_rows == 2
             assert sizes == [1] and not any(f.done() for f in small)
             # Enough rows now (2 + 4 >= 4): the second worker takes them all, beside the first.
             big = queue.submit({"x": np.arange(10, 14)}, 4)
@@ -396,42 +403,80 @@ def test_a_second_worker_joins_a_running_batch_only_for_enough_rows(parallel_min
         queue.close()
 
 
-def test_large_tasks_are_refused_or_split():
-    queue = batching.BatchQueue(lambda i: {"y": i["x"] * 3}, _params(max_batch_size=4))
+@pytest.mark.parametrize("splitting", [False, True])
+def test_tasks_over_max_batch_size_are_refused_even_with_splitting(splitting):
+    """shared_batch_scheduler.h (TensorFlow), ValidateBatchTaskQueueCapacity: the task size
+    is checked against max_batch_size (input_batch_size_limit) whether or not large-batch
+    splitting is on; bundle_factory_util.h GetQueueOptions: splitting's execution size
+    defaults to max_batch_size, so with our batching file nothing is ever split."""
+    queue = batching.BatchQueue(lambda i, timeout=None: {"y": i["x"] * 3},
+                                _params(max_batch_size=4, enable_large_batch_splitting=splitting))
     try:
-        with pytest.raises(jt.ApiError, match="Task size 9 is larger than maximum input batch size 4"):
+        with pytest.raises(pr.ApiError) as err:
             queue.submit({"x": np.arange(9)}, 9)
+        assert (err.value.code, err.value.message) == ("INVALID_ARGUMENT", "Task size 9 is larger than maximum input batch size 4")
+        assert err.value.http_status == 400
+        assert queue.submit({"x": np.arange(4)}, 4).result(30)["y"].tolist() == [0, 3, 6, 9]
     finally:
         queue.close()
-    splitting = batching.BatchQueue(lambda i: {"y": i["x"] * 3},
-                                    _params(max_batch_size=4, enable_large_batch_splitting=True))
+
+
+def test_splitting_cuts_tasks_over_max_execution_batch_size():
+    sizes = []
+
+    def run(inputs, timeout=None):
+        sizes.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 3}
+
+    params = _params(max_batch_size=8, enable_large_batch_splitting=True, max_execution_batch_size=3)
+    queue = batching.BatchQueue(run, params)
     try:
-        assert splitting.submit({"x": np.arange(9)}, 9).result(5)["y"].tolist() == list(range(0, 27, 3))
+        assert queue.submit({"x": np.arange(7)}, 7).result(30)["y"].tolist() == list(range(0, 21, 3))
+        assert sorted(sizes, reverse=True)[0] <= 3 and sum(sizes) == 7
     finally:
-        splitting.close()
+        queue.close()
 
 
-def test_a_full_queue_answers_unavailable():
-    gate = threading.Event()
-    queue = batching.BatchQueue(lambda i: (gate.wait(5), {"y": i["x"]})[1], _params(max_batch_size=2, max_enqueued_batches=1))
+@pytest.mark.parametrize("splitting, message", [
+    (True, "The batch scheduling queue to which this task was submitted is full; task size is 1 but "
+           "scheduling capacity is only 0 (num_enqueued_batches=1, max_enqueued_batches=1, open_batch_size=2, "
+           "max_execution_batch_size=2)"),
+    (False, "The batch scheduling queue to which this task was submitted is full; currently 1 batches "
+            "enqueued and max_enqueued_batches is 1"),
+])
+def test_a_full_queue_answers_unavailable(splitting, message):
+    """shared_batch_scheduler.h, ValidateBatchTaskQueueCapacity's two wordings."""
+    gate, started = threading.Event(), threading.Event()
+
+    def run(inputs, timeout=None):
+        started.set()
+        gate.wait(30)
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params(max_batch_size=2, max_enqueued_batches=1,
+                                             enable_large_batch_splitting=splitting))
     try:
         queue.submit({"x": np.zeros(2)}, 2)  # taken by the worker, which then blocks
-        time.sleep(0.1)
+        assert started.wait(30)
         queue.submit({"x": np.zeros(2)}, 2)  # one batch waiting: the limit
-        with pytest.raises(jt.ApiError) as err:
+        with pytest.raises(pr.ApiError) as err:
             queue.submit({"x": np.zeros(1)}, 1)
         assert err.value.code == "UNAVAILABLE" and err.value.http_status == 503
+        assert err.value.message == message
     finally:
         gate.set()
         queue.close()
 
 
 def test_batch_rows_checks_the_0th_dimension():
+    """batching_util.h ComputeTensorBatchSize's messages."""
     assert batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(3)}) == 3
-    with pytest.raises(jt.ApiError, match="equal 0th-dimension"):
+    with pytest.raises(pr.ApiError) as err:
         batching.batch_rows({"a": np.zeros((3, 2)), "b": np.zeros(2)})
-    with pytest.raises(jt.ApiError, match="at least one dimension"):
+    assert err.value.message == "Batching Run() input tensors must have equal 0th-dimension size"
+    with pytest.raises(pr.ApiError) as err:
         batching.batch_rows({"a": np.float32(1)})
+    assert err.value.message == "Batching Run() input tensors must have at least one dimension"
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +492,7 @@ class FakeServable(mm.Servable):
 
     def __init__(self, name, version, path, options):
         if (Path(path) / "BROKEN").exists():
-            raise jt.ApiError("DATA_LOSS", f"cannot read {path}/saved_model.pb")
+            raise pr.ApiError("DATA_LOSS", f"cannot read {path}/saved_model.pb")
         self.name, self.version, self.path = name, version, Path(path)
         self.signatures = {}
         self._lock = threading.Lock()
@@ -497,10 +542,12 @@ def test_a_version_in_use_is_unloaded_only_when_released(tmp_path):
     FakeServable.closed.clear()
     poll = threading.Thread(target=manager.poll_once)
     poll.start()
-    time.sleep(0.3)
-    assert poll.is_alive() and FakeServable.closed == []  # waiting for the lease
+    deadline = time.monotonic() + 60
+    while manager.status("m", 1)[0].state != "UNLOADING":  # the unload has begun...
+        assert time.monotonic() < deadline, "version 1 never started unloading"
+        time.sleep(0.01)
+    assert poll.is_alive() and FakeServable.closed == []  # ...and waits for the lease
     assert manager.serving_versions("m") == [2]  # but new requests already get version 2
-    assert manager.status("m", 1)[0].state == "UNLOADING"
     lease.release()
     poll.join(5)
     assert FakeServable.closed == [1] and manager.status("m", 1)[0].state == "END"
@@ -532,17 +579,17 @@ def test_requests_for_unknown_things(tmp_path):
         (dict(name="other"), "NOT_FOUND", "Servable not found for request: Latest(other)"),
     ]
     for kwargs, code, message in cases:
-        with pytest.raises(jt.ApiError) as err:
+        with pytest.raises(pr.ApiError) as err:
             manager.acquire(**kwargs)
         assert (err.value.code, err.value.message) == (code, message)
-    with pytest.raises(jt.ApiError, match="Could not find version 9 of model m"):
+    with pytest.raises(pr.ApiError, match="Could not find version 9 of model m"):
         manager.status("m", 9)
-    with pytest.raises(jt.ApiError, match="Could not find any versions of model other"):
+    with pytest.raises(pr.ApiError, match="Could not find any versions of model other"):
         manager.status("other")
 
 
 def test_labels_need_the_flag_before_versions_load(tmp_path):
-    with pytest.raises(jt.ApiError) as err:
+    with pytest.raises(pr.ApiError) as err:
         _manager(tmp_path, labels={"stable": 1}, allow=False)
     assert err.value.code == "FAILED_PRECONDITION"
     assert "Request to assign label to version 1 of model m, which is not currently available" in err.value.message
@@ -613,21 +660,21 @@ def test_docker_check_parses_versions():
 
 def test_server_flags_accept_tf_serving_spelling():
     from model import configlib
-    from serving.server import ServeConfig, _normalise_flags
+    from serving.settings import ServeConfig, normalise_flags
 
-    argv = _normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
+    argv = normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
     config = configlib.parse_config(ServeConfig, argv)
     assert (config.rest_api_port, config.enable_batching, config.model_config_file) == (9000, False, None)
 
 
 # --- when a request may run on the event loop ------------------------------------------------
 def test_only_small_numeric_requests_arriving_alone_run_on_the_event_loop():
-    from serving import server
+    from serving import core as server
 
     one = {"image": np.zeros((1, 28, 28), np.uint8)}
-    assert server._cheap(one)
-    assert not server._cheap({"image_bytes": np.array([b"png..."], dtype=object)})  # decoding: slow
-    assert not server._cheap({"image": np.zeros((64, 28, 28), np.uint8)})  # too many rows
+    assert server.cheap(one)
+    assert not server.cheap({"image_bytes": np.array([b"png..."], dtype=object)})  # decoding: slow
+    assert not server.cheap({"image": np.zeros((64, 28, 28), np.uint8)})  # too many rows
 
     core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None)
     with core.arrival():
@@ -646,10 +693,10 @@ def test_requests_run_on_the_event_loop_only_after_a_quiet_period_without_compan
     # machine, a long gap behind it: it must not run on the loop just after a crowd.
     import types
 
-    from serving import server
+    from serving import core as server
 
     clock = types.SimpleNamespace(now=100.0)
-    monkeypatch.setattr(server, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(server, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, monotonic=lambda: clock.now))
     core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None)
     with core.arrival():
         assert core._lone_request()
@@ -670,7 +717,7 @@ def test_requests_run_on_the_event_loop_only_after_a_quiet_period_without_compan
 def test_grpc_requests_are_gathered_only_while_others_are_in_flight():
     import asyncio
 
-    from serving import server
+    from serving import core as server
 
     core = server.ServingCore(manager=None, batching_params=None, metrics=None, executor=None, gather_wait=0.001)
 
@@ -688,7 +735,7 @@ def test_grpc_requests_are_gathered_only_while_others_are_in_flight():
 
 
 def test_server_flags_out_of_range_are_refused():
-    from serving import server
+    from serving import settings as server
 
     for flag in ("batch_arrival_wait_ms", "grpc_batch_gather_ms"):
         config = server.ServeConfig(**{flag: -1.0})
@@ -759,3 +806,154 @@ def test_histogram_totals_add_up_every_series_of_a_rendered_page():
     metrics.observe(PADDING_SIZE, 7, BATCH_BUCKETS, model_name="mnist")
     assert histogram_totals(metrics.render(), PROCESSED_BATCH_SIZE) == (40.0, 3.0)
     assert histogram_totals(metrics.render(), PADDING_SIZE) == (7.0, 1.0)
+
+
+def test_clients_import_no_server_code():
+    """The clients share serving/protocol.py with the server, and nothing else of it: the
+    gRPC client does not drag in the REST parser, and neither client the server."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport serving.client, serving.grpc_client, serving.query\n"
+            "server_side = sorted(m for m in sys.modules if m in ('serving.json_tensor', 'serving.server', "
+            "'serving.core', 'serving.rest', 'serving.grpc_api', 'serving.batching', 'serving.model_manager'))\n"
+            "print(server_side)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_version_that_keeps_failing_does_not_keep_a_newer_one_out(tmp_path):
+    """TF Serving cancels the load retries of a version no longer aspired (LoaderHarness's
+    cancel_load_retry), and its manager never waits for a load: here, a broken version 2
+    retrying every 60 s gives way to version 3 at once."""
+    (tmp_path / "1").mkdir()
+    spec = config_files.ModelSpecConfig("m", tmp_path, config_files.VersionPolicy("latest", 1))
+    options = mm.ManagerOptions(max_num_load_retries=5, load_retry_interval_seconds=60.0,
+                                file_system_poll_wait_seconds=0.02)
+    manager = mm.ModelManager([spec], options, loader=FakeServable)
+    manager.start()
+    try:
+        (tmp_path / "2").mkdir()
+        (tmp_path / "2" / "BROKEN").write_text("")
+        deadline = time.monotonic() + 60
+        while not any(s.version == 2 and s.state == "LOADING" for s in manager.status("m")):
+            assert time.monotonic() < deadline, "version 2 never started loading"
+            time.sleep(0.01)
+        (tmp_path / "3").mkdir()
+        while manager.serving_versions("m") != [3]:  # well before the 60 s retry interval
+            assert time.monotonic() < deadline, f"version 3 not served: {manager.status('m')}"
+            time.sleep(0.01)
+        while manager.status("m", 2)[0].state != "END":  # its retries stop, well before 60 s too
+            assert time.monotonic() < deadline, f"version 2 still retrying: {manager.status('m')}"
+            time.sleep(0.01)
+        assert manager.status("m", 2)[0].error_code == "DATA_LOSS"
+    finally:
+        manager.stop()
+
+
+def test_queued_work_past_its_deadline_is_dropped():
+    gate, started = threading.Event(), threading.Event()
+    ran = []
+
+    def run(inputs, timeout=None):
+        ran.append(int(inputs["x"][0]))
+        if inputs["x"][0] < 0:
+            started.set()
+            gate.wait(30)
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        busy = queue.submit({"x": np.array([-1])}, 1)
+        assert started.wait(30)
+        expired = queue.submit({"x": np.array([1])}, 1, deadline=time.monotonic() - 1)
+        later = queue.submit({"x": np.array([2])}, 1, deadline=time.monotonic() + 60)
+        gate.set()
+        assert busy.result(30)["y"].tolist() == [-1]
+        with pytest.raises(pr.ApiError) as err:
+            expired.result(30)
+        assert err.value.code == "DEADLINE_EXCEEDED"
+        assert later.result(30)["y"].tolist() == [2]
+        assert ran == [-1, 2]  # the expired one never ran
+    finally:
+        gate.set()
+        queue.close()
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_run_gets_its_deadline_when_its_queue_runs_long(monkeypatch, slow):
+    """The deadline goes into a queue's first run, and later into its runs only if they
+    take batching.RUN_TIMEOUT_MIN_S or more (short runs run in the calling thread)."""
+    timeouts = []
+    monkeypatch.setattr(batching, "RUN_TIMEOUT_MIN_S", 0.0 if slow else 3600.0)
+
+    def run(inputs, timeout=None):
+        timeouts.append(timeout)
+        return {"y": inputs["x"]}
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        for _ in range(2):
+            queue.submit({"x": np.array([1])}, 1, deadline=time.monotonic() + 60).result(30)
+        assert 0 < timeouts[0] <= 60
+        assert (timeouts[1] is not None) == slow
+    finally:
+        queue.close()
+
+
+def test_a_batch_stopped_at_its_deadline_fails_all_its_tasks_without_rerunning_them():
+    runs = []
+
+    def run(inputs, timeout=None):
+        runs.append(len(inputs["x"]))
+        raise pr.ApiError("DEADLINE_EXCEEDED", "Timed out waiting for notification")
+
+    queue = batching.BatchQueue(run, _params())
+    try:
+        futures = [batching.Future() for _ in range(3)]
+        queue.submit_all([({"x": np.array([i])}, 1, f, time.monotonic() + 60) for i, f in enumerate(futures)])
+        for future in futures:
+            with pytest.raises(pr.ApiError, match="Timed out"):
+                future.result(30)
+        assert runs == [3]  # one run for all, no re-run one by one
+    finally:
+        queue.close()
+
+
+def test_the_clients_default_request_size_is_the_batching_files_limit():
+    from serving.client import DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, join_predictions, request_slices
+
+    params = config_files.read_batching_parameters(REPO / "serving" / "batching_parameters.txt")
+    assert DEFAULT_MAX_BATCH_SIZE == params.max_batch_size == 256
+    assert request_slices(600, 256) == [slice(0, 256), slice(256, 512), slice(512, 768)]
+    assert request_slices(0, 256) == [slice(0, 256)]
+    with pytest.raises(InputError, match="max_batch_size must be >= 1"):
+        request_slices(3, 0)
+    parts = [Prediction(np.array([1, 2]), np.eye(10, dtype=np.float32)[[1, 2]], 4),
+             Prediction(np.array([3]), np.eye(10, dtype=np.float32)[[3]], 5)]
+    joined = join_predictions(parts)
+    assert joined.digits.tolist() == [1, 2, 3] and joined.probabilities.shape == (3, 10)
+    assert joined.model_version is None  # a swap came in between
+    assert join_predictions(parts[:1]).model_version == 4
+
+
+def test_metric_label_values_are_escaped():
+    from serving.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.inc(":tensorflow:serving:request_count", model_name='a"b\\c\nd', status="OK")
+    assert metrics.render().splitlines()[1] == ':tensorflow:serving:request_count{model_name="a\\"b\\\\c\\nd",status="OK"} 1'
+
+
+def test_large_inputs_are_converted_in_pieces_with_the_same_result():
+    images = np.random.default_rng(3).integers(0, 256, (600, 28, 28))
+    rows = images.tolist()
+    parsed = fill({"instances": rows}, may_have_bools=False)
+    np.testing.assert_array_equal(parsed.tensors["image"], images.astype(np.uint8))
+    ragged = rows[:300] + [[[0] * 27] * 28] + rows[300:]  # in the second piece
+    with pytest.raises(pr.ApiError, match="Failed to process element: 300 of 'instances' list. "
+                                          "Error: INVALID_ARGUMENT: Expecting tensor size: 784 but got: 756"):
+        fill({"instances": ragged}, may_have_bools=False)
+    floats = fill({"inputs": rows[:300] + [[[0.5] * 28] * 28]}, {"x": pr.DT_FLOAT}, may_have_bools=False)
+    assert floats.tensors["x"].dtype == np.float32 and floats.tensors["x"][300, 0, 0] == 0.5
