@@ -71,6 +71,22 @@ $(TFLITE_RUNTIME_STAMP): requirements/pi-tflite-runtime.txt
 	$(VENV_TFLITE_RUNTIME)/bin/python -m pip install --quiet -r requirements/pi-tflite-runtime.txt
 	@touch $@
 
+# PyTorch for bench-train's speed reference (model/torch_reference.py): large, so opt-in and in
+# its own venv. On PyPI plain torch is the CUDA build (several GB); TORCH_INDEX=
+# https://download.pytorch.org/whl/cpu takes the CPU build instead (this machine has it on disk).
+VENV_TORCH ?= .venv-torch
+TORCH_INDEX ?=
+TORCH_STAMP := $(VENV_TORCH)/.setup-done
+
+.PHONY: setup-torch
+setup-torch: $(TORCH_STAMP) ## Make .venv-torch: PyTorch 2.13 (CPU) + numpy, for bench-train's Keras-vs-PyTorch comparison
+
+$(TORCH_STAMP): requirements/torch.txt
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH" >&2; exit 1; }
+	@test -x $(VENV_TORCH)/bin/python || $(PYTHON) -m venv $(VENV_TORCH)
+	$(VENV_TORCH)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r requirements/torch.txt
+	@touch $@
+
 # Docker Compose v2 for tests/test_serving_compose.py: `docker compose` where it works, else
 # Debian's static build, pinned by checksum in .ci/fetch-compose (no Docker engine needed).
 COMPOSE_TOOL := .tools/docker-compose
@@ -110,8 +126,8 @@ bench: ## Every benchmark: bench-train, bench-export, bench-serve, bench-mobile 
 	$(MAKE) --no-print-directory bench-mobile ARGS=
 
 .PHONY: bench-train
-bench-train: setup ## Benchmark training: per-epoch time, samples/s, tf.data throughput, accuracy (JSON)
-	$(PY) -m model.bench $(TRAIN_FLAGS) $(ARGS)
+bench-train: setup ## Benchmark training: accuracy and ECE per seed, train time, tf.data vs step throughput, Keras vs PyTorch if make setup-torch ran (JSON)
+	$(PY) -m model.bench $(TRAIN_FLAGS) --torch-python $(VENV_TORCH)/bin/python $(ARGS)
 
 .PHONY: bench-multiworker
 bench-multiworker: setup ## 2 workers (--strategy multiworker, localhost) vs 1, same global batch, per seed: accuracy, time (JSON)
@@ -130,7 +146,7 @@ clean: ## Remove artifacts/ (runs, exports, benchmarks); keeps the virtual envir
 
 .PHONY: distclean
 distclean: clean ## Remove artifacts/, the virtual environments and fetched tools (.tools/)
-	rm -rf $(VENV) $(VENV_TFLITE_RUNTIME) .tools
+	rm -rf $(VENV) $(VENV_TFLITE_RUNTIME) $(VENV_TORCH) .tools
 
 # ---------------------------------------------------------------------------------------------
 # Export (issue 3)

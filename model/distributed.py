@@ -32,13 +32,10 @@ under a start-up timeout; any difference is a ClusterError naming the worker and
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-from model import configlib
 from model.cluster import ClusterError, ClusterSpec, WorkerLostError
 
 # Gradients of all variables in one all-reduce instead of one per variable: each collective
@@ -51,8 +48,6 @@ HEARTBEAT_TIMEOUT_S = 10
 FINAL_BARRIER_TIMEOUT_S = 3600
 _KEY_PREFIX = "mnist_kit"
 
-BACKUP_STATE_FILE = "training_metadata.json"  # BackupAndRestore's own name, kept
-_BACKUP_WEIGHTS = "epoch-{epoch:04d}.weights.h5"
 
 
 def first_line(err: BaseException) -> str:
@@ -365,68 +360,3 @@ def local_model(model, strategy):
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
-
-
-# --------------------------------------------------------------------------------------------
-# BackupAndRestore that several workers share
-# --------------------------------------------------------------------------------------------
-
-def backup_state(backup_dir: Path) -> dict[str, Any] | None:
-    """The last committed backup in `backup_dir` ({"epoch": finished epochs, "weights": file}),
-    or None when there is none (nothing finished yet, or a folder this process cannot see)."""
-    path = Path(backup_dir) / BACKUP_STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise ClusterError(f"{path}: unreadable backup state ({err}); remove the run's backup/ "
-                           "folder or start over with --no-resume") from None
-    if "weights" in state and not (Path(backup_dir) / state["weights"]).is_file():
-        raise ClusterError(f"{path} names {state['weights']}, which is missing")
-    return state
-
-
-def backup_and_restore(backup_dir: Path, writer: bool):
-    """A keras.callbacks.BackupAndRestore whose backups several workers can share.
-
-    Every worker restores from `backup_dir` at the start of fit (they must all see the same
-    folder: the run folder on shared storage). Only the `writer` (the chief) writes, once per
-    epoch, so that workers never race on one file; the others write nothing. A backup is
-    committed atomically: the weights go to a new epoch-NNNN.weights.h5 through a temporary
-    name, then training_metadata.json (epoch and weights file) is replaced in one rename, then
-    older weight files are removed. A kill -9 at any moment leaves the previous epoch's
-    backup whole (Keras' own callback rewrites latest.weights.h5 in place).
-    """
-    import keras
-
-    class SharedBackupAndRestore(keras.callbacks.BackupAndRestore):
-        def __init__(self):
-            super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
-            self.writer = writer
-
-        def _load_model(self):
-            state = backup_state(Path(self.backup_dir))
-            if state is None or "weights" not in state:
-                return
-            if self.model.optimizer is not None and not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(Path(self.backup_dir) / state["weights"])
-            self.model._initial_epoch = int(state["epoch"])
-
-        def _save_model(self):
-            if not self.writer:
-                return
-            folder = Path(self.backup_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            name = _BACKUP_WEIGHTS.format(epoch=self._current_epoch)
-            tmp = folder / f".tmp-{os.getpid()}-{name}"  # keeps the .weights.h5 suffix Keras requires
-            self.model.save_weights(tmp, overwrite=True)
-            os.replace(tmp, folder / name)
-            configlib.write_json_atomic(folder / BACKUP_STATE_FILE,
-                                        {"epoch": self._current_epoch, "batch": 0, "weights": name})
-            for old in folder.glob("epoch-*.weights.h5"):
-                if old.name != name:
-                    old.unlink(missing_ok=True)
-
-    return SharedBackupAndRestore()

@@ -35,7 +35,9 @@ FIXTURE_DATA = REPO / "tests" / "data"
 FULL_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 
 # The fixture model: the default architecture, so the tests exercise what users ship, trained
-# in seconds: no augmentation and smaller batches suit 2,500 images. Test accuracy ~90%.
+# in seconds: no augmentation and smaller batches suit 2,500 images, and no XLA (compiling the
+# step costs more than 6 short epochs gain; tests/test_train.py trains with it). Test
+# accuracy ~90%.
 FIXTURE_EPOCHS = 6
 FIXTURE_BATCH = 64
 FIXTURE_VALIDATION = 500
@@ -80,6 +82,7 @@ def fixture_train_config(out: Path, **overrides):
     values = dict(
         data_dir=FIXTURE_DATA, validation_size=FIXTURE_VALIDATION, epochs=FIXTURE_EPOCHS,
         batch_size=FIXTURE_BATCH, augment=False, out=out, verbose="quiet", patience=FIXTURE_EPOCHS,
+        jit_compile="off",
     )
     values.update(overrides)
     return TrainConfig(**values)

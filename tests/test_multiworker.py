@@ -4,7 +4,9 @@ on the fixture (tests/data) with a small model so that each case takes seconds.
 - two workers train one model; the chief's run folder is complete, the other worker leaves
   nothing behind, and both saw the same (global) epoch metrics;
 - kill -9 of a worker once the chief has started epoch 2; the chief stops with exit status 75
-  and the same command on both resumes after epoch 1 and finishes;
+  and the same command on both resumes after epoch 1 and finishes with the same model as two
+  workers never interrupted (distortions on: each worker's pipeline is keyed by its seed and
+  the epoch);
 - bad TF_CONFIG (malformed, a task the cluster lacks, unset), a cluster or settings that differ
   between workers, a worker that never comes: exit status 2 with a message, not a hang.
 
@@ -101,6 +103,17 @@ def workers(tmp_path):
         yield group
 
 
+@pytest.fixture
+def reference_workers(workers, tmp_path):
+    """A second cluster (its own ports and folder), for runs to compare with."""
+    (tmp_path / "reference-workers").mkdir()
+    group = Workers(tmp_path / "reference-workers")
+    while set(group.jobs["worker"]) & set(workers.jobs["worker"]):  # no port of the first
+        group = Workers(tmp_path / "reference-workers")
+    with group:
+        yield group
+
+
 def _tail(group: Workers) -> str:
     return "\n".join(f"--- worker {i}\n{group.output(i)[-2500:]}" for i in sorted(group.procs))
 
@@ -138,11 +151,18 @@ def test_two_workers_train_one_model_and_only_the_chief_writes(workers, tmp_path
 
 
 @pytest.mark.slow
-def test_kill_one_worker_mid_epoch_and_restart_both_resumes(workers, tmp_path):
-    out = tmp_path / "runs"
+def test_kill_one_worker_mid_epoch_and_restart_both_resumes(workers, reference_workers, tmp_path):
+    """... and ends with the model of the same two workers never interrupted: each worker's
+    pipeline is keyed by (seed + worker index, epoch), distortions included, and every worker
+    restores the chief's backup (issue 12)."""
+    import keras
+
+    out, reference_out = tmp_path / "runs", tmp_path / "reference"
     epochs = 3
+    reference = reference_workers  # the same run, never interrupted, alongside
     for index in (0, 1):
-        workers.start(index, train_args(out, epochs))
+        workers.start(index, train_args(out, epochs, "--augment"))
+        reference.start(index, train_args(reference_out, epochs, "--augment"))
     # The chief prints "Epoch 2/3" after its epoch-1 callbacks, the backup among them, ran:
     # epoch 2 is under way.
     workers.wait_for_line(0, f"Epoch 2/{epochs}")
@@ -155,12 +175,13 @@ def test_kill_one_worker_mid_epoch_and_restart_both_resumes(workers, tmp_path):
 
     run_dir = (out / "latest").resolve()
     assert (run_dir / ".unfinished").exists() and not (run_dir / contract.RUN_METRICS_FILE).exists()
-    state = json.loads((run_dir / "backup" / "training_metadata.json").read_text())
+    state = json.loads((run_dir / "backup" / "state.json").read_text())
     assert state["epoch"] == 1 and (run_dir / "backup" / state["weights"]).is_file()
 
     for index in (0, 1):  # the same command again on both
-        workers.start(index, train_args(out, epochs), tag="-again")
+        workers.start(index, train_args(out, epochs, "--augment"), tag="-again")
     assert workers.wait_all() == {0: 0, 1: 0}, _tail(workers)
+    assert reference.wait_all() == {0: 0, 1: 0}, _tail(reference)
     again = workers.output(0)
     assert f"Resuming {run_dir} after epoch 1" in again
     assert "after epoch 1" in workers.output(1)
@@ -170,6 +191,15 @@ def test_kill_one_worker_mid_epoch_and_restart_both_resumes(workers, tmp_path):
     metrics = json.loads((run_dir / contract.RUN_METRICS_FILE).read_text())
     assert metrics["resumed"] is True and metrics["epochs_run"] == epochs and metrics["workers"] == 2
     assert not (run_dir / "backup").exists()
+
+    reference_dir = (reference_out / "latest").resolve()
+    resumed = keras.models.load_model(run_dir / contract.RUN_MODEL_FILE)
+    uninterrupted = keras.models.load_model(reference_dir / contract.RUN_MODEL_FILE)
+    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    reference_rows = evaluate.read_history(reference_dir / "history.csv")
+    for row, ref in zip(rows, reference_rows, strict=True):
+        assert (row["loss"], row["accuracy"]) == (ref["loss"], ref["accuracy"]), row["epoch"]
 
 
 @pytest.mark.parametrize("tf_config, message", [

@@ -18,10 +18,10 @@ from .conftest import FIXTURE_MIN_ACCURACY, REPO, fixture_train_config, python_e
 
 RUN_FILES = [
     contract.RUN_MODEL_FILE, contract.RUN_CONFIG_FILE, contract.RUN_GPU_REPORT_FILE, "history.csv",
-    contract.RUN_METRICS_FILE, "training_curves.png", "confusion_matrix.png",
+    contract.RUN_METRICS_FILE, "training_curves.png", "confusion_matrix.png", "reliability.png",
 ]
 METRIC_KEYS = ["test_accuracy", "test_loss", "per_class_accuracy", "epochs_run", "train_seconds",
-               "train_samples_per_second"]
+               "train_samples_per_second", "test_ece", "test_ece_uncalibrated", "calibration", "threads"]
 
 
 def test_run_folder_holds_every_file(trained_run):
@@ -30,7 +30,7 @@ def test_run_folder_holds_every_file(trained_run):
     assert any((trained_run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (trained_run.parent / "latest").resolve() == trained_run.resolve()
     assert not (trained_run / "backup").exists() and not (trained_run / ".unfinished").exists()
-    for png in ("training_curves.png", "confusion_matrix.png"):
+    for png in ("training_curves.png", "confusion_matrix.png", "reliability.png"):
         assert (trained_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,53 +64,89 @@ def test_saved_model_reloads_and_predicts_like_the_metrics(trained_run, fixture_
     assert accuracy == pytest.approx(metrics["test_accuracy"])
 
 
-def _train_cmd(out: Path, epochs: int) -> list[str]:
+def _train_cmd(out: Path, epochs: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "model.train", "--data-dir", str(REPO / "tests" / "data"),
             "--validation-size", "500", "--epochs", str(epochs), "--patience", str(epochs),
-            "--no-augment", "--out", str(out), "--verbose", "epoch"]
+            "--no-augment", "--out", str(out), "--verbose", "epoch", *extra]
 
 
-def _history_rows(path: Path) -> int:
+def _backed_up_epochs(run_dir: Path) -> int:
+    """Epochs the run's backup has committed (its state.json, replaced atomically)."""
     try:
-        return max(0, len(path.read_text().strip().splitlines()) - 1)
-    except OSError:
+        return json.loads((run_dir / "backup" / "state.json").read_text())["epoch"]
+    except (OSError, ValueError):
         return 0
 
 
-def test_killed_training_resumes_from_its_last_epoch(tmp_path):
-    out = tmp_path / "runs"
-    epochs = 6
-    proc = subprocess.Popen(_train_cmd(out, epochs), cwd=REPO, env=python_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    history = None
-    while time.time() < deadline and proc.poll() is None:
-        runs = [p for p in out.glob("*-seed1") if p.is_dir()] if out.exists() else []
-        if runs and _history_rows(runs[0] / "history.csv") >= 2:
-            history = runs[0] / "history.csv"
-            break
-        time.sleep(0.05)
-    assert history is not None, f"training never reached epoch 2:\n{proc.communicate()[0][-3000:]}"
-    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: like a power cut
-    proc.wait()
-    run_dir = history.parent
-    killed_after = _history_rows(history)
-    assert killed_after < epochs and (run_dir / ".unfinished").exists()
-    assert not (run_dir / contract.RUN_METRICS_FILE).exists()
+# The resume test trains as `make train` does (XLA, elastic and affine distortions, dropout),
+# on a smaller model and batch so that 4 epochs of the fixture take seconds.
+RESUME_ARGS = ("--augment", "--hidden-units", "128,64", "--batch-size", "125", "--seed", "3")
 
-    again = subprocess.run(_train_cmd(out, epochs), cwd=REPO, env=python_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+
+def test_killed_training_resumes_and_ends_with_the_uninterrupted_model(tmp_path):
+    """kill -9 after epoch 2, run again: the run resumes from its last finished epoch and ends
+    with exactly the model of the same run never interrupted (issue 12): same data order and
+    distortions (a function of seed and epoch), same dropout masks, optimizer state and early
+    stopping, so every weight and every history value except the timings is equal."""
+    import keras
+    import numpy as np
+
+    out, reference_out = tmp_path / "runs", tmp_path / "reference"
+    epochs = 4
+    reference = subprocess.Popen(_train_cmd(reference_out, epochs, *RESUME_ARGS), cwd=REPO, env=python_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(_train_cmd(out, epochs, *RESUME_ARGS), cwd=REPO, env=python_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        history = None
+        while time.time() < deadline and proc.poll() is None:
+            runs = [p for p in out.glob("*-seed3") if p.is_dir()] if out.exists() else []
+            if runs and _backed_up_epochs(runs[0]) >= 2:  # epoch 2's backup is committed
+                history = runs[0] / "history.csv"
+                break
+            time.sleep(0.05)
+        assert history is not None, f"training never reached epoch 2:\n{proc.communicate()[0][-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: like a power cut
+        proc.wait()
+        run_dir = history.parent
+        killed_after = _backed_up_epochs(run_dir)
+        assert 2 <= killed_after < epochs and (run_dir / ".unfinished").exists()
+        assert not (run_dir / contract.RUN_METRICS_FILE).exists()
+
+        again = subprocess.run(_train_cmd(out, epochs, *RESUME_ARGS), cwd=REPO, env=python_env(),
+                               capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        reference_log = reference.communicate(timeout=600)[0]
+        assert reference.returncode == 0, reference_log[-3000:]
+    finally:
+        for p in (proc, reference):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     assert f"Resuming {run_dir}" in again.stdout
     resumed_epoch = int(again.stdout.split("after epoch ")[1].split(" ")[0].rstrip("."))
-    assert 2 <= resumed_epoch <= killed_after  # from the last finished epoch, not from zero
+    assert resumed_epoch == killed_after  # from the last backed-up epoch, not from zero
     assert f"Epoch {resumed_epoch + 1}/{epochs}" in again.stdout
     assert "Epoch 1/" not in again.stdout
     rows = evaluate.read_history(history)
     assert [r["epoch"] for r in rows] == list(range(epochs))  # no duplicated, no missing epoch
     metrics = json.loads((run_dir / contract.RUN_METRICS_FILE).read_text())
-    assert metrics["resumed"] is True and metrics["epochs_run"] == epochs
+    assert metrics["resumed"] is True and metrics["epochs_run"] == epochs and metrics["xla"] is True
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([run_dir.name, "latest"])
+
+    # The same model as the uninterrupted run, bit for bit.
+    reference_dir = (reference_out / "latest").resolve()
+    reference_rows = evaluate.read_history(reference_dir / "history.csv")
+    for row, ref in zip(rows, reference_rows, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert row[key] == ref[key], (row["epoch"], key)
+    resumed_model = keras.models.load_model(run_dir / contract.RUN_MODEL_FILE)
+    reference_model = keras.models.load_model(reference_dir / contract.RUN_MODEL_FILE)
+    for a, b in zip(resumed_model.get_weights(), reference_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    reference_metrics = json.loads((reference_dir / contract.RUN_METRICS_FILE).read_text())
+    assert metrics["test_accuracy"] == reference_metrics["test_accuracy"]
 
 
 def test_finished_run_is_not_resumed_and_no_resume_starts_over(trained_run, tmp_path):
