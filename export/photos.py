@@ -291,8 +291,9 @@ def synthesize_chalk(digit: np.ndarray, rng: np.random.Generator) -> Photo:
     h, w = (long_side, short_side) if rng.random() < 0.4 else (short_side, long_side)
     box = int(round(min(h, w) * rng.uniform(0.25, 0.8)))
     alpha = _ink_alpha(digit, box, rng, thin=rng.random() < 0.3)
-    # Chalk grain: the stroke is broken up by the board's texture at a few pixels' scale.
-    grain_cell = max(2, box // 40)
+    # Chalk grain: the stroke is broken up by the board's texture, about a hundredth of the
+    # digit's size (a few millimetres on a board).
+    grain_cell = max(1, box // 80)
     grain = np.clip(0.85 + 0.3 * _smooth_noise(alpha.shape[0], alpha.shape[1], grain_cell, rng), 0.4, 1.0)
     alpha = alpha * grain * rng.uniform(0.75, 1.0)
     coverage = _place(alpha, h, w, rng)

@@ -41,6 +41,9 @@ tf = _Lazy("tensorflow")
 EXIF_SEARCH_BYTES = spec.EXIF_SEARCH_BYTES
 # Components followed by the keep rule of step 9 (the Pi's loop has the same bound).
 MAX_COMPONENTS = spec.MAX_COMPONENTS
+# Doublings a dynamic running max/min may need: background windows are at most
+# max(7, round(BACKGROUND_WINDOW x WORK_SIDE) | 1) = 129 px, 65 px at half size.
+MAX_DOUBLINGS = 7
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,18 +178,19 @@ def jpeg_orientation(data):
     of IFD0.
     """
     size = EXIF_SEARCH_BYTES
-    raw = _bytes(data, size + 16)  # zero padding: reads past the end see zeros
+    raw = tf.io.decode_raw(tf.strings.substr(data, 0, size), tf.uint8)
+    raw = tf.pad(raw, [[0, size + 16 - tf.shape(raw)[0]]])  # reads past the end see zeros
     n = tf.minimum(tf.cast(tf.strings.length(data), tf.int64), size)
     exif = tf.constant(list(b"Exif\x00\x00"), tf.int64)
 
     def at(i):
-        return tf.gather(raw, tf.clip_by_value(i, 0, size + 15))
+        return tf.cast(tf.gather(raw, tf.clip_by_value(i, 0, size + 15)), tf.int64)
 
     def segment(i, pos, found, start, end, done):
         marker = at(pos + 1)
         stop = (pos + 4 > n) | tf.not_equal(at(pos), 0xFF) | (marker < 0xE0) | (marker > 0xEF)
         length = at(pos + 2) * 256 + at(pos + 3)
-        head = tf.gather(raw, tf.clip_by_value(pos + 4 + tf.range(6, dtype=tf.int64), 0, size + 15))
+        head = at(pos + 4 + tf.range(6, dtype=tf.int64))
         is_exif = ~stop & tf.equal(marker, 0xE1) & tf.reduce_all(tf.equal(head, exif))
         return (i + 1, pos + 2 + length, is_exif, pos + 10, tf.minimum(pos + 2 + length, n), stop | is_exif)
 
@@ -195,6 +199,11 @@ def jpeg_orientation(data):
         lambda i, pos, found, start, end, done: (i < spec.JPEG_MAX_SEGMENTS) & ~done,
         segment, [tf.constant(0, tf.int32), tf.constant(2, tf.int64), tf.constant(False), zero, zero, tf.constant(False)],
     )
+    return tf.cond(found, lambda: _ifd_orientation(at, start, end), lambda: tf.constant(1, tf.int64))
+
+
+def _ifd_orientation(at, start, end):
+    """Tag 0x0112 of the TIFF IFD0 at bytes [start, end) (`at`: byte lookup), 1 if absent."""
     little = tf.equal(at(start), 0x49) & tf.equal(at(start + 1), 0x49)
     big = tf.equal(at(start), 0x4D) & tf.equal(at(start + 1), 0x4D)
 
@@ -213,7 +222,7 @@ def jpeg_orientation(data):
     first = tf.argmax(tf.cast(hit, tf.int32), output_type=tf.int64)
     value_at = tf.gather(entries, first) + 8
     value = u16(value_at)
-    usable = found & (little | big) & (end - start >= 8) & (ifd + 2 <= end) & tf.reduce_any(hit)
+    usable = (little | big) & (end - start >= 8) & (ifd + 2 <= end) & tf.reduce_any(hit)
     return tf.where(usable & (value >= 1) & (value <= 8), value, tf.constant(1, tf.int64))
 
 
@@ -364,75 +373,62 @@ def _edge_pad(values, pad):
     return tf.gather(tf.gather(values, rows, axis=0), cols, axis=1)
 
 
-def _running_static(values, size: int, op: str):
-    """Running max/min of static odd `size` along both axes, windows clipped.
+def both_closings(values, size, dark_ink):
+    """(edge-padded closing, clipped-window closing) of [H, W] with window `size` (int32
+    tensor), dark ink: max then min; light ink: min then max (= mobile.preprocess._closing
+    with pad_edges True and False), computed together on one stacked frame.
 
-    Doubling, as mobile.preprocess._running: pad once with the value that never wins, then
-    level[j] = extreme over [j, j + span) after log2(span) shifted extremes; two overlapping
-    spans cover each window.
+    The frame is padded by size // 2: channel 0 with edge replication, channel 1 with the
+    value that never wins the coming pass (clipped windows), reset between the passes.
     """
-    if size == 1:
-        return values
-    fill = -math.inf if op == "max" else math.inf
-    extreme = tf.maximum if op == "max" else tf.minimum
-    half = size // 2
-    out = values
-    for axis in (0, 1):
-        n = tf.shape(out)[axis]
-        level = tf.pad(out, [[half, half], [0, 0]] if axis == 0 else [[0, 0], [half, half]], constant_values=fill)
-        span = 1
-        while span * 2 <= size:
-            level = extreme(level[:-span], level[span:]) if axis == 0 else extreme(level[:, :-span], level[:, span:])
-            span *= 2
-        if axis == 0:
-            out = extreme(level[:n], level[size - span : size - span + n])
-        else:
-            out = extreme(level[:, :n], level[:, size - span : size - span + n])
-    return out
-
-
-def _running_dynamic(values, size, op: str):
-    """Running max/min of odd `size` (int32 tensor) along both axes, windows clipped.
-
-    Doubling, as _running_static, in a while loop (at most log2(size) steps per axis).
-    """
-    extreme = tf.maximum if op == "max" else tf.minimum
-    fill = -math.inf if op == "max" else math.inf
-    half = size // 2
-    out = values
-    for axis in (0, 1):
-        n = tf.shape(out)[axis]
-        paddings = tf.stack([[half, half], [0, 0]]) if axis == 0 else tf.stack([[0, 0], [half, half]])
-        level = tf.pad(out, paddings, constant_values=fill)
-
-        def step(level, span, axis=axis):
-            if axis == 0:
-                return extreme(level[:-span], level[span:]), span * 2
-            return extreme(level[:, :-span], level[:, span:]), span * 2
-
-        level, span = tf.while_loop(lambda level, span: span * 2 <= size, step, [level, tf.constant(1)],
-                                    shape_invariants=[tf.TensorShape([None, None]), tf.TensorShape([])])
-        if axis == 0:
-            out = extreme(level[:n], level[size - span : size - span + n])
-        else:
-            out = extreme(level[:, :n], level[:, size - span : size - span + n])
-    return out
-
-
-def closing(values, size, dark_ink, static: bool, pad_edges=True):
-    """Grey closing (dark ink) / opening of [H, W] with a size x size square on a copy padded
-    by size // 2 pixels of edge replication when `pad_edges`, windows clipped at the borders
-    otherwise (= mobile.preprocess._closing)."""
-    pad = size // 2 if pad_edges else 0
+    pad = size // 2
     h, w = tf.shape(values)[0], tf.shape(values)[1]
-    x = _edge_pad(values, pad) if pad_edges else values
-    running = (lambda v, op: _running_static(v, size, op)) if static else (lambda v, op: _running_dynamic(v, size, op))
-    if isinstance(dark_ink, bool):
-        first, second = ("max", "min") if dark_ink else ("min", "max")
-        x = running(running(x, first), second)
-    else:
-        x = tf.cond(dark_ink, lambda: running(running(x, "max"), "min"), lambda: running(running(x, "min"), "max"))
-    return x[pad : pad + h, pad : pad + w] if pad_edges else x
+    edge = _edge_pad(values, pad)
+    inside = tf.pad(tf.ones_like(values, tf.bool), tf.stack([[pad, pad], [pad, pad]]))
+    sign = tf.where(dark_ink, 1.0, -1.0)  # light ink: the same passes on -values
+    edge = sign * edge
+
+    def neutral(x, op):
+        return tf.stack([x[0], tf.where(inside, x[1], -math.inf if op == "max" else math.inf)])
+
+    frame = neutral(tf.stack([edge, edge]), "max")
+    frame = _running_dynamic3(frame, size, "max")
+    frame = _running_dynamic3(neutral(frame, "min"), size, "min")
+    out = sign * frame[:, pad : pad + h, pad : pad + w]
+    return out[0], out[1]
+
+
+def _running_dynamic3(values, size, op: str):
+    """Running max/min of odd `size` (int32 tensor, at most 2 ** MAX_DOUBLINGS * 2 - 1) along
+    axes 1 and 2 of [C, H, W], windows clipped.
+
+    Doubling without a loop: the levels level_j[i] = extreme over [i, i + 2**j) are all
+    computed (each padded at the end to one length), the one with the largest 2**j <= size
+    is picked, and two of its windows cover each window of `size`.
+    """
+    extreme = tf.maximum if op == "max" else tf.minimum
+    fill = -math.inf if op == "max" else math.inf
+    half = size // 2
+    steps = tf.cast(tf.floor(tf.math.log(tf.cast(size, tf.float32)) / math.log(2.0) + 1e-4), tf.int32)
+    span = tf.bitwise.left_shift(1, steps)
+    out = values
+    for axis in (1, 2):
+        n = tf.shape(out)[axis]
+        paddings = tf.stack([[0, 0], [half, half], [0, 0]]) if axis == 1 else tf.stack([[0, 0], [0, 0], [half, half]])
+        level = tf.pad(out, paddings, constant_values=fill)
+        levels = [level]
+        for j in range(MAX_DOUBLINGS):
+            shift = 2**j
+            tail = [[0, 0], [0, shift], [0, 0]] if axis == 1 else [[0, 0], [0, 0], [0, shift]]
+            shifted = tf.pad(level[:, shift:] if axis == 1 else level[:, :, shift:], tail, constant_values=fill)
+            level = extreme(level, shifted)
+            levels.append(level)
+        chosen = tf.gather(tf.stack(levels), steps)
+        if axis == 1:
+            out = extreme(chosen[:, :n], chosen[:, size - span : size - span + n])
+        else:
+            out = extreme(chosen[:, :, :n], chosen[:, :, size - span : size - span + n])
+    return out
 
 
 def top_hats(log_dark, log_light):
@@ -463,7 +459,7 @@ def top_hats(log_dark, log_light):
 
 def _running3(values, size: int, op: str):
     """Running max/min of static odd `size` along axes 1 and 2 of [C, H, W], windows clipped
-    (doubling, as _running_static)."""
+    (doubling, as mobile.preprocess._running)."""
     if size == 1:
         return values
     fill = -math.inf if op == "max" else math.inf
@@ -638,8 +634,7 @@ def background(work, dark_ink, size, halved):
     base = box3(work)
 
     def estimate(base, size):
-        padded = closing(base, size, dark_ink, static=False, pad_edges=True)
-        clipped = closing(base, size, dark_ink, static=False, pad_edges=False)
+        padded, clipped = both_closings(base, size, dark_ink)
         cut = tf.where(dark_ink, padded < spec.BORDER_INK_RATIO * clipped,
                        1.0 - padded < spec.BORDER_INK_RATIO * (1.0 - clipped))
         return tf.where(cut, clipped, padded)
@@ -723,8 +718,11 @@ def components(mask):
 
 def digit_mask(ink, noise, work, dark_ink):
     """Step 9: bool [h, w], asserting digit-like ink."""
-    h, w = tf.shape(ink)[0], tf.shape(ink)[1]
-    mask = box3(ink) > tf.maximum(0.35, 4.0 * noise)
+    full = box3(ink) > tf.maximum(0.35, 4.0 * noise)
+    halved = tf.maximum(tf.shape(full)[0], tf.shape(full)[1]) > spec.POLARITY_HALF_ABOVE
+    mask = tf.cond(halved, lambda: blocks_any(full), lambda: full)
+    mask.set_shape([None, None])
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
     labels = components(mask)
     n = h * w
     flat = tf.reshape(labels, [-1])
@@ -744,7 +742,7 @@ def digit_mask(ink, noise, work, dark_ink):
     count = tf.minimum(tf.reduce_sum(tf.cast(areas > 0, tf.int32)), MAX_COMPONENTS)
     order = tf.math.top_k(key, k=tf.minimum(segments, MAX_COMPONENTS)).indices
     order = tf.ensure_shape(order, [None])
-    mask = _guard(mask, count > 0, tf.constant("empty picture: no ink found"))
+    labels = _guard(labels, count > 0, tf.constant("empty picture: no ink found"))
     biggest = tf.cast(tf.gather(areas, order[0]), tf.float32)
 
     def box(label):
@@ -774,7 +772,21 @@ def digit_mask(ink, noise, work, dark_ink):
     t0, b0, l0, r0 = box(order[0])
     _, keep, *_ = tf.while_loop(more, body, [tf.constant(1), keep, t0, b0, l0, r0])
     kept = tf.gather(keep, labels)
+
+    def enlarge():
+        twice = tf.repeat(tf.repeat(kept, 2, axis=0), 2, axis=1)
+        return twice[: tf.shape(full)[0], : tf.shape(full)[1]] & full
+
+    kept = tf.cond(halved, enlarge, lambda: kept)
+    kept.set_shape([None, None])
     return _check_digit_like(kept, work, dark_ink)
+
+
+def blocks_any(mask):
+    """bool [h, w] -> [ceil(h/2), ceil(w/2)]: any pixel set in each 2x2 block (padded)."""
+    h, w = tf.shape(mask)[0], tf.shape(mask)[1]
+    padded = tf.pad(mask, tf.stack([[0, h % 2], [0, w % 2]]))
+    return tf.reduce_any(tf.reshape(padded, tf.stack([(h + h % 2) // 2, 2, (w + w % 2) // 2, 2])), axis=[1, 3])
 
 
 def _check_digit_like(kept, work, dark_ink):
@@ -889,4 +901,9 @@ def picture_to_mnist(image_bytes):
     whose message says why for pictures the specification refuses.
     """
     code, width, height = read_header(image_bytes)
-    return grey_to_mnist(decode(image_bytes, code, width, height))
+    # The decoders read the bytes only once every header check has passed: without this
+    # dependency a PNG/BMP/WebP decoder (which needs no width or height) could start on a
+    # decompression bomb in parallel with the pixel-budget assertion.
+    with tf.control_dependencies([code, width, height]):
+        checked = tf.identity(image_bytes)
+    return grey_to_mnist(decode(checked, code, width, height))
