@@ -417,9 +417,12 @@ def _running_dynamic3(values, size, op: str):
         paddings = tf.stack([[0, 0], [half, half], [0, 0]]) if axis == 1 else tf.stack([[0, 0], [0, 0], [half, half]])
         level = tf.pad(out, paddings, constant_values=fill)
         levels = [level]
+        length = tf.shape(level)[axis]
         for j in range(MAX_DOUBLINGS):
-            shift = 2**j
-            tail = [[0, 0], [0, shift], [0, 0]] if axis == 1 else [[0, 0], [0, 0], [0, shift]]
+            # Shifted by 2**j, the end filled with the value that never wins; a frame shorter
+            # than the shift is all fill (never the shift's length: the shapes must match).
+            shift = tf.minimum(2**j, length)
+            tail = tf.stack([[0, 0], [0, shift], [0, 0]] if axis == 1 else [[0, 0], [0, 0], [0, shift]])
             shifted = tf.pad(level[:, shift:] if axis == 1 else level[:, :, shift:], tail, constant_values=fill)
             level = extreme(level, shifted)
             levels.append(level)

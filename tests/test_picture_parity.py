@@ -214,6 +214,15 @@ def test_a_12_megapixel_phone_photo_and_a_tiny_crop(graph, fixture_mnist):
     assert_same(png(tiny), graph, "a 10x12 crop")
 
 
+def test_narrow_pictures_whose_frame_is_shorter_than_a_doubling(graph, fixture_mnist):
+    # A working copy under 64 px on one side with a wide background window: the graph's
+    # running max/min must not shift by more than the frame's length.
+    rng = np.random.default_rng(2)
+    for size in ((130, 64), (1000, 70), (64, 130)):
+        photo = photos.synthesize_photo(fixture_mnist.test.images[4], rng, size=size, jpeg=False)
+        assert_same(photo.data, graph, f"{size[1]}x{size[0]} photo")
+
+
 # --- bad pictures: the same refusal on both paths ----------------------------------------------
 def _png_header(width: int, height: int) -> bytes:
     """A PNG's signature and IHDR (8-bit RGB) declaring this size: all a bomb needs to start."""
