@@ -11,11 +11,17 @@ Writes `artifacts/bench/mobile.json` (and the resolved config beside it):
   mobile.classify --json` on the test digits written as 28x28 PNGs, so decoding and the
   MNIST pass-through are included), once per runtime: ai-edge-litert from this Python,
   tflite-runtime from `--tflite-runtime-python` when that venv exists.
-- `photos`: `--photos` synthetic photos of handwritten digits on paper (export/photos.py: dark
-  ink, off-centre, any size, uneven light and shadows, noise, JPEG) made from the first test
-  digits: accuracy with the preprocessing (mobile.preprocess.to_mnist), without it (grey +
-  resize, `--no-preprocess`), and on the same digits clean, per variant; and the time the
-  preprocessing takes per photo.
+- `pictures`: per kind of picture (export/photos.py: photo, canvas, chalk, tight, thinpen,
+  mnist), `--pictures` synthetic pictures made from the first test digits, written as files:
+  accuracy through the real CLI (the Pi's whole path: file, header, decode, preprocessing,
+  model) with the recommended model, refusals, and in process per variant: accuracy of the
+  preprocessed pictures, of the clean digits they were made from, and without preprocessing
+  (grey + resize); decode + preprocessing time per picture (p50/p99); and the parity of the
+  two implementations of the specification: the TensorFlow graph of serving_bytes
+  (export/picture_graph.py) against mobile/preprocess.py on the same bytes (mean |difference|
+  of the 28x28 pictures in grey levels, exact matches, the digits the recommended model reads
+  from each, refusals). `photo_1mp`: decode + preprocessing of 1-megapixel JPEG photos.
+- `cases`: the shared cases (tests/data/pictures) through the CLI: which come out as their digit.
 - `cli_latency`: `python -m mobile.classify --threads 1 --benchmark N` on a sample photo:
   latency p50/p99 of one picture through the model, per runtime.
 
@@ -52,7 +58,9 @@ class MobileBenchConfig:
 
     models_dir: Path = field(Path("artifacts/mobile"), "folder with the TFLite variants, mnist.tflite, labels.txt, report.json")
     data_dir: Path | None = field(None, "MNIST IDX folder (default: tests/data, 1,000 test digits)")
-    photos: int = field(1000, "synthetic photos made from the first test digits")
+    pictures: int = field(1000, "synthetic pictures of each kind, made from the first test digits")
+    kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"), "kinds of picture (export/photos.py)")
+    parity: bool = field(True, "compare with the TensorFlow graph of serving_bytes (needs TensorFlow)")
     seed: int = field(0, "seed of the synthetic photos")
     latency_runs: int = field(2000, "single-picture runs of the CLI benchmark")
     threads: int = field(1, "interpreter threads")
@@ -64,8 +72,13 @@ class MobileBenchConfig:
     def validate(self) -> None:
         if not (Path(self.models_dir) / contract.MOBILE_MODEL_FILE).is_file():
             raise ConfigError(f"--models-dir {self.models_dir}: no {contract.MOBILE_MODEL_FILE} there. Run make train / make export first.")
-        if self.photos < 1 or self.latency_runs < 1 or self.threads < 1:
-            raise ConfigError("--photos, --latency-runs and --threads must be >= 1")
+        if self.pictures < 1 or self.latency_runs < 1 or self.threads < 1:
+            raise ConfigError("--pictures, --latency-runs and --threads must be >= 1")
+        from export.photos import KINDS
+
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise ConfigError(f"--kinds takes some of {', '.join(KINDS)}; got {', '.join(self.kinds) or 'none'}")
 
 
 def _variants(models_dir: Path) -> list[dict[str, Any]]:
@@ -111,8 +124,6 @@ def _runtimes(config: MobileBenchConfig) -> dict[str, Path]:
 def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything the module docstring lists; returns the JSON-ready result."""
     from export import photos
-    from mobile import preprocess
-    from mobile.classify import percentiles_us
     from mobile.runtime import Classifier, ModelError
     from model import idx
 
@@ -175,50 +186,26 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
             log(f"CLI {runtime}: accuracy {accuracy:.4f} on {len(digits)} PNG test digits")
         result["cli_test_set"] = cli_runs
 
-        # 3. Synthetic photos: with / without preprocessing / clean, per variant.
-        count = min(config.photos, len(test.labels))
-        rng = np.random.default_rng(config.seed)
-        start = time.perf_counter()
-        photos = [photos.synthesize_photo(image, rng) for image in test.images[:count]]
-        synth_seconds = time.perf_counter() - start
-        prepared, naive, prep_seconds, failures = [], [], [], 0
-        for photo in photos:
-            t0 = time.perf_counter()
-            try:
-                prepared.append(preprocess.to_mnist(photo.rgb))
-            except preprocess.PictureError:
-                failures += 1
-                prepared.append(np.zeros((28, 28), np.uint8))  # counts as wrong
-            prep_seconds.append(time.perf_counter() - t0)
-            naive.append(preprocess.resize_only(photo.rgb))
-        truth = test.labels[:count]
-        per_variant = {}
-        for name, classifier in classifiers.items():
-            per_variant[name] = {
-                "clean_accuracy": float((classifier.predict(test.images[:count]).argmax(1) == truth).mean()),
-                "preprocessed_accuracy": float((classifier.predict(np.stack(prepared)).argmax(1) == truth).mean()),
-                "no_preprocess_accuracy": float((classifier.predict(np.stack(naive)).argmax(1) == truth).mean()),
-            }
-            per_variant[name]["gap_points"] = round(100 * (per_variant[name]["clean_accuracy"] - per_variant[name]["preprocessed_accuracy"]), 2)
-        sizes = np.array([max(p.rgb.shape[:2]) for p in photos])
-        prep = percentiles_us(prep_seconds)
-        result["photos"] = {
-            "count": count,
-            "seed": config.seed,
-            "jpeg_fraction": float(np.mean([p.format == "jpeg" for p in photos])),
-            "long_side_px": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
-            "preprocess_failures": failures,
-            "preprocess_us_p50": prep["p50"],
-            "preprocess_us_p99": prep["p99"],
-            "synthesis_seconds": round(synth_seconds, 1),
-            "variants": per_variant,
-        }
-        rec = per_variant.get("mnist", {})
-        log(f"photos ({count}): clean {rec.get('clean_accuracy')}, preprocessed {rec.get('preprocessed_accuracy')}, without preprocessing {rec.get('no_preprocess_accuracy')}")
+        # 3. Every kind of picture: the CLI, each variant, timing, parity with the graph.
+        count = min(config.pictures, len(test.labels))
+        recommended = models_dir / contract.MOBILE_MODEL_FILE
+        graph = _graph_preprocessing() if config.parity else None
+        kinds: dict[str, Any] = {}
+        made: dict[str, list] = {}
+        for kind in config.kinds:
+            kinds[kind], made[kind] = _measure_kind(kind, test, count, config, classifiers, recommended, tmp_dir, graph, log)
+        result["pictures"] = {"count_per_kind": count, "seed": config.seed, "kinds": kinds}
+        result["cases"] = _cases(recommended)
+        log(f"shared cases (tests/data/pictures): {result['cases']['right']}/{result['cases']['count']} read as their digit")
+        result["photo_1mp"] = _photo_1mp(test, config.seed)
+        log(f"1-MP JPEG photo, decode + preprocessing: p50 {result['photo_1mp']['preprocess_ms_p50']:.1f} ms")
 
         # 4. CLI latency with one thread, per runtime, on a sample photo (JPEG).
-        sample = tmp_dir / f"sample.{photos[0].extension}"
-        sample.write_bytes(photos[0].data)
+        photo = next((p for p in made.get("photo", []) if p.format == "jpeg"), None)
+        if photo is None:
+            photo = photos.synthesize_photo(test.images[0], np.random.default_rng(config.seed), jpeg=True)
+        sample = tmp_dir / f"sample.{photo.extension}"
+        sample.write_bytes(photo.data)
         latency = {}
         for runtime, python in _runtimes(config).items():
             document = _cli(python, ["--model", str((models_dir / contract.MOBILE_MODEL_FILE).resolve()), "--runtime", runtime, "--threads", str(config.threads), "--benchmark", str(config.latency_runs), str(sample)])
@@ -227,6 +214,154 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
         result["cli_latency"] = latency
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _graph_preprocessing() -> Callable[[bytes], np.ndarray | str]:
+    """export/picture_graph.py's picture_to_mnist as a function of bytes: uint8 [28, 28], or
+    the reason it refuses the picture."""
+    import tensorflow as tf
+
+    from export import picture_graph
+
+    fn = tf.function(picture_graph.picture_to_mnist, input_signature=[tf.TensorSpec([], tf.string)])
+
+    def run(data: bytes) -> np.ndarray | str:
+        try:
+            return fn(tf.constant(data)).numpy()
+        except tf.errors.InvalidArgumentError as err:
+            return err.message
+
+    return run
+
+
+def _measure_kind(kind: str, test: Any, count: int, config: MobileBenchConfig, classifiers: dict[str, Any],
+                  recommended: Path, tmp_dir: Path, graph: Callable | None, log: Callable[[str], None]) -> tuple[dict[str, Any], list]:
+    """One kind's entry of `pictures` (see the module docstring) and the pictures made."""
+    from export import photos
+    from mobile import preprocess
+    from mobile.classify import percentiles_us
+
+    digits, truth = test.images[:count], test.labels[:count]
+    pictures = photos.synthesize_kind(kind, digits, seed=config.seed)
+    folder = tmp_dir / kind
+    folder.mkdir()
+    names = []
+    for i, photo in enumerate(pictures):
+        name = f"{i:05d}-{int(truth[i])}.{photo.extension}"
+        (folder / name).write_bytes(photo.data)
+        names.append(name)
+    cli_digits: list[int] = []
+    cli_refused: dict[str, int] = {}
+    for begin in range(0, len(names), CLI_CHUNK):
+        document = _cli(Path(sys.executable), ["--model", str(recommended.resolve()), "--runtime", "ai-edge-litert",
+                                               *names[begin : begin + CLI_CHUNK]], cwd=folder)
+        for item in document["results"]:
+            cli_digits.append(int(item.get("digit", -1)))
+            if "error" in item:
+                reason = item["error"].split(":")[0]
+                cli_refused[reason] = cli_refused.get(reason, 0) + 1
+    prepared: list[np.ndarray | None] = []  # None: refused
+    naive, seconds = [], []
+    for photo in pictures:
+        start = time.perf_counter()
+        try:
+            prepared.append(preprocess.picture_to_mnist(photo.data))
+        except preprocess.PictureError:
+            prepared.append(None)
+        seconds.append(time.perf_counter() - start)
+        naive.append(preprocess.resize_only(preprocess.decode(photo.data)))
+    refused = sum(p is None for p in prepared)
+    blank = np.zeros((28, 28), np.uint8)  # a refused picture counts as wrong
+    prepared_array = np.stack([blank if p is None else p for p in prepared])
+    per_variant = {}
+    for name, classifier in classifiers.items():
+        clean = float((classifier.predict(digits).argmax(1) == truth).mean())
+        right = float((classifier.predict(prepared_array).argmax(1) == truth).mean())
+        per_variant[name] = {
+            "clean_accuracy": clean, "preprocessed_accuracy": right,
+            "no_preprocess_accuracy": float((classifier.predict(np.stack(naive)).argmax(1) == truth).mean()),
+            "gap_points": round(100 * (clean - right), 2),
+        }
+    timing = percentiles_us(seconds)
+    sizes = np.array([max(p.pixels.shape[:2]) for p in pictures])
+    entry: dict[str, Any] = {
+        "count": len(pictures),
+        "formats": {f: int(sum(p.format == f for p in pictures)) for f in sorted({p.format for p in pictures})},
+        "long_side_px": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        "cli_accuracy": float((np.array(cli_digits) == truth).mean()),
+        "cli_refused": cli_refused,
+        "refused": refused,
+        "preprocess_ms_p50": round(timing["p50"] / 1000, 2),
+        "preprocess_ms_p99": round(timing["p99"] / 1000, 2),
+        "variants": per_variant,
+    }
+    if graph is not None:
+        entry["parity"] = _parity(pictures, prepared, graph, classifiers.get("mnist"))
+    rec = per_variant.get("mnist", {})
+    log(f"{kind:8s} ({len(pictures)}): CLI {entry['cli_accuracy']:.4f}, in process {rec.get('preprocessed_accuracy')}, "
+        f"clean {rec.get('clean_accuracy')}, refused {refused}, p50 {entry['preprocess_ms_p50']} ms"
+        + (f", parity: mean |diff| {entry['parity']['mean_abs_diff']:.3f}, digits agree {entry['parity']['digits_agree']:.4f}"
+           if "parity" in entry else ""))
+    return entry, pictures
+
+
+def _parity(pictures: list, prepared: list[np.ndarray | None], graph: Callable, classifier: Any) -> dict[str, Any]:
+    """The graph's 28x28 pictures against the Pi's (`prepared`, None where it refused)."""
+    diffs, exact, both_refused, one_refused, graph_images, pi_images = [], 0, 0, 0, [], []
+    for photo, mine in zip(pictures, prepared):
+        theirs = graph(photo.data)
+        pi_refused = mine is None
+        if isinstance(theirs, str) or pi_refused:
+            both_refused += isinstance(theirs, str) and pi_refused
+            one_refused += isinstance(theirs, str) != pi_refused
+            continue
+        difference = np.abs(mine.astype(np.int16) - theirs.astype(np.int16))
+        diffs.append(float(difference.mean()))
+        exact += int(not difference.any())
+        graph_images.append(theirs)
+        pi_images.append(mine)
+    agree = 1.0
+    if classifier is not None and graph_images:
+        agree = float((classifier.predict(np.stack(graph_images)).argmax(1) == classifier.predict(np.stack(pi_images)).argmax(1)).mean())
+    return {
+        "compared": len(diffs), "mean_abs_diff": float(np.mean(diffs)) if diffs else 0.0,
+        "max_mean_abs_diff": float(np.max(diffs)) if diffs else 0.0, "identical": exact,
+        "digits_agree": agree, "refused_by_both": both_refused, "refused_by_one_only": one_refused,
+    }
+
+
+def _cases(model: Path) -> dict[str, Any]:
+    """The pictures that failed when the kit was first tried (tests/data/pictures,
+    `<kind>-<n>-<digit>.<ext>`) through the CLI with `model`: which come out as their digit."""
+    folder = REPO / "tests" / "data" / "pictures"
+    names = sorted(p.name for p in folder.iterdir())
+    document = _cli(Path(sys.executable), ["--model", str(model.resolve()), "--runtime", "ai-edge-litert", *names], cwd=folder)
+    rows = {}
+    for name, item in zip(names, document["results"]):
+        digit = int(name.split(".")[0].split("-")[2])
+        rows[name] = {"digit": item.get("digit"), "probability": item.get("probability"), "error": item.get("error"),
+                      "right": item.get("digit") == digit}
+    return {"count": len(names), "right": sum(r["right"] for r in rows.values()), "files": rows}
+
+
+def _photo_1mp(test: Any, seed: int, count: int = 20) -> dict[str, Any]:
+    """Decode + preprocessing of 1-megapixel (1155 x 866) JPEG photos, after one untimed run each."""
+    from export import photos
+    from mobile import preprocess
+    from mobile.classify import percentiles_us
+
+    rng = np.random.default_rng([seed, 1])
+    pictures = [photos.synthesize_photo(d, rng, size=(866, 1155), jpeg=True) for d in test.images[:count]]
+    seconds = []
+    for photo in pictures:
+        preprocess.picture_to_mnist(photo.data)
+        start = time.perf_counter()
+        preprocess.picture_to_mnist(photo.data)
+        seconds.append(time.perf_counter() - start)
+    timing = percentiles_us(seconds)
+    return {"pictures": count, "size": [866, 1155], "preprocess_ms_p50": round(timing["p50"] / 1000, 2),
+            "preprocess_ms_p99": round(timing["p99"] / 1000, 2), "target_ms_p50": 15.0,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,8 +95,9 @@ def shipped_files() -> list[tuple[str, Path]]:
 def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[str, bytes]:
     """Sample pictures {file name: bytes}: a photo per class, a light-on-dark PNG, an MNIST PNG.
 
-    Each is checked through the shipped code path (to_mnist + the model) and must come out as
-    its digit with probability >= SAMPLE_MIN_PROBABILITY.
+    Each is checked through the shipped code path (the file's bytes through
+    preprocess.picture_to_mnist, then the model) and must come out as its digit with
+    probability >= SAMPLE_MIN_PROBABILITY.
     """
     from export import photos
     from export.saved_model import encode_png
@@ -108,9 +109,9 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     test = idx.load_split(data_dir, "test")
     classes = classifier.num_classes
 
-    def confident(picture: np.ndarray, digit: int) -> bool:
+    def confident(data: bytes, digit: int) -> bool:
         try:
-            probabilities = classifier.predict(preprocess.to_mnist(picture))
+            probabilities = classifier.predict(preprocess.picture_to_mnist(data))
         except preprocess.PictureError:
             return False
         return int(np.argmax(probabilities)) == digit and probabilities[digit] >= SAMPLE_MIN_PROBABILITY
@@ -120,7 +121,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
         for index in np.flatnonzero(test.labels == digit)[:50]:
             photo = photos.synthesize_photo(test.images[index], np.random.default_rng([seed, int(index)]))
             # JPEG photos only: a noisy photo as PNG is 10x larger (the PNG samples are below).
-            if photo.format == "jpeg" and confident(photo.rgb, digit):
+            if photo.format == "jpeg" and confident(photo.data, digit):
                 samples[f"{digit}-photo.{photo.extension}"] = photo.data
                 break
         else:
@@ -130,9 +131,9 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     for offset, (kind, render) in enumerate(extras.items()):
         digit = (3 + 4 * offset) % classes
         for index in np.flatnonzero(test.labels == digit)[:50]:
-            picture = render(test.images[index])
+            picture = encode_png(render(test.images[index]))
             if confident(picture, digit):
-                samples[f"{digit}-{kind}"] = encode_png(picture)
+                samples[f"{digit}-{kind}"] = picture
                 break
     return samples
 

@@ -10,8 +10,11 @@ Layout TF Serving expects under its model base path:
 Signatures (names from model/contract.py):
 
     serving_default  image        uint8  [-1, 28, 28]  raw pixels, /255 is inside the graph
-    serving_bytes    image_bytes  string [-1]          PNG/JPEG of any size, grey or colour
-    both ->          probabilities float32 [-1, 10],  digit int64 [-1]
+                     -> probabilities float32 [-1, 10], digit int64 [-1]
+    serving_bytes    image_bytes  string [-1]          PNG/JPEG/BMP/WebP of any size
+                     -> probabilities, digit, and mnist_image uint8 [-1, 28, 28]: the picture
+                        in MNIST form, made inside the graph by export/picture_graph.py (the
+                        specification in mobile/preprocess.py, the same the Pi runs)
 
 Publishing is atomic: TF Serving polls the base path every second and would try to load a
 half-written folder, so the SavedModel is written and verified under a non-numeric temporary
@@ -191,33 +194,6 @@ def _write_high_water_mark(model_dir: Path, number: int) -> None:
 # The graph
 # --------------------------------------------------------------------------------------------
 
-def decode_to_mnist(image_bytes):
-    """One encoded picture (scalar string) -> uint8 [28, 28], inside the graph.
-
-    PNG/JPEG/GIF/BMP of any size, grey or colour (alpha dropped): decoded, made grey, resized
-    to 28x28 with antialiasing (area-like when shrinking), inverted when its background (the
-    border) is light, so dark ink on white paper looks like MNIST's white on black, then
-    contrast-stretched from the background level to the brightest ink (coloured or grey paper,
-    faint ink). An MNIST image (black border, ink up to 255) passes through unchanged.
-    A broken picture fails the request with TensorFlow's decode error.
-    """
-    import tensorflow as tf
-
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)  # [H, W, 3]
-    grey = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))  # [H, W, 1], 0-255
-    resized = tf.image.resize(grey, contract.IMAGE_SHAPE, method="bilinear", antialias=True)
-    resized = tf.clip_by_value(resized[..., 0], 0.0, 255.0)  # [28, 28]
-
-    def border_mean(x):
-        return tf.reduce_mean(tf.concat([x[0, :], x[-1, :], x[:, 0], x[:, -1]], axis=0))
-
-    resized = tf.cond(border_mean(resized) > 127.5, lambda: 255.0 - resized, lambda: resized)
-    background = border_mean(resized)
-    span = tf.maximum(tf.reduce_max(resized) - background, 1.0)
-    stretched = tf.clip_by_value((resized - background) / span, 0.0, 1.0) * 255.0
-    return tf.cast(tf.round(stretched), tf.uint8)
-
-
 def build_archive(model):
     """A keras.export.ExportArchive with both signatures around `model` (no I/O)."""
     import keras
@@ -233,11 +209,13 @@ def build_archive(model):
         return outputs(model(image, training=False))
 
     def serve_bytes(image_bytes):
+        from export.picture_graph import picture_to_mnist
+
         images = tf.map_fn(
-            decode_to_mnist, image_bytes,
+            picture_to_mnist, image_bytes,
             fn_output_signature=tf.TensorSpec(contract.IMAGE_SHAPE, tf.uint8),
         )
-        return outputs(model(images, training=False))
+        return {**outputs(model(images, training=False)), contract.OUTPUT_MNIST_IMAGE: images}
 
     assert serve_pixels.__code__.co_varnames[0] == contract.INPUT_PIXELS
     assert serve_bytes.__code__.co_varnames[0] == contract.INPUT_BYTES
@@ -269,6 +247,7 @@ def warmup_images(batch: int) -> np.ndarray:
 
 
 def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W] (grey) or [H, W, 3|4] pixels as PNG bytes."""
     import io
 
     from PIL import Image
@@ -276,6 +255,21 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def warmup_pictures() -> list[bytes]:
+    """Encoded pictures for serving_bytes' warm-up, one per path through its preprocessing:
+    a 28x28 MNIST-form PNG (passed through), and the synthetic stroke drawn dark on white
+    paper as PNG and as JPEG (the whole pipeline, both decoders)."""
+    import io
+
+    from PIL import Image
+
+    stroke = warmup_images(1)[0]
+    paper = 255 - np.kron(stroke, np.ones((3, 3), np.uint8))  # 84 x 84, a dark bar on white
+    buffer = io.BytesIO()
+    Image.fromarray(paper).save(buffer, format="JPEG", quality=90)
+    return [encode_png(stroke), encode_png(paper), buffer.getvalue()]
 
 
 def write_warmup(path: Path, model_name: str = contract.MODEL_NAME) -> int:
@@ -299,8 +293,7 @@ def write_warmup(path: Path, model_name: str = contract.MODEL_NAME) -> int:
     records = []
     for batch in WARMUP_BATCH_SIZES:
         records.append(request(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS, warmup_images(batch)))
-    png = encode_png(warmup_images(1)[0])
-    records.append(request(contract.SIGNATURE_BYTES, contract.INPUT_BYTES, np.array([png], dtype=object)))
+    records.append(request(contract.SIGNATURE_BYTES, contract.INPUT_BYTES, np.array(warmup_pictures(), dtype=object)))
     with configlib.naming_file(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with tf.io.TFRecordWriter(str(path)) as writer:
@@ -361,8 +354,11 @@ def predict_saved_model(signatures: dict[str, Callable], images: np.ndarray, bat
 def verify_parity(saved_model_dir: Path, keras_probs: np.ndarray, images: np.ndarray) -> dict[str, Any]:
     """Reload the SavedModel and compare it with the Keras model's probabilities.
 
-    Requires identical argmax and max |difference| <= PARITY_MAX_ABS_DIFF, and that the bytes
-    signature gives the same digits on the same images sent as 28x28 PNG (lossless).
+    Requires identical argmax and max |difference| <= PARITY_MAX_ABS_DIFF; that the bytes
+    signature gives the same digits on the same images sent as 28x28 PNG (lossless) and hands
+    them back unchanged as mnist_image; and that its in-graph preprocessing makes the same
+    28x28 pictures as the Pi's (mobile/preprocess.py) from synthetic pictures of every kind
+    (export/photos.py), within PICTURE_PARITY_MAX_MEAN_DIFF grey levels each.
     Raises ExportError otherwise. Returns the measured numbers.
     """
     import tensorflow as tf
@@ -387,8 +383,77 @@ def verify_parity(saved_model_dir: Path, keras_probs: np.ndarray, images: np.nda
     bytes_digits = bytes_out[contract.OUTPUT_DIGIT].numpy()
     if not np.array_equal(bytes_digits, out[contract.OUTPUT_DIGIT][: len(sample)]):
         raise ExportError("the serving_bytes signature disagrees with serving_default on PNG-encoded test images")
+    if not np.array_equal(bytes_out[contract.OUTPUT_MNIST_IMAGE].numpy(), sample):
+        raise ExportError(f"serving_bytes' {contract.OUTPUT_MNIST_IMAGE} is not the MNIST test image it was sent as PNG")
+    pictures = picture_parity(signatures[contract.SIGNATURE_BYTES], images[:PICTURE_PARITY_DIGITS])
+    warmup = replay_warmup(saved_model_dir / contract.WARMUP_FILE, signatures)
     return {"images": int(len(images)), "max_abs_diff": diff, "digit_mismatches": mismatched,
-            "bytes_signature_images": int(len(sample))}
+            "bytes_signature_images": int(len(sample)), "pictures": pictures, "warmup_requests": warmup}
+
+
+def replay_warmup(path: Path, signatures: dict[str, Callable]) -> int:
+    """Run every warm-up request through its signature, as TF Serving does at load (where a
+    failing one stops the version from loading). Raises ExportError naming the failure;
+    returns the number of requests."""
+    import tensorflow as tf
+
+    logs = read_warmup(path)
+    for i, log in enumerate(logs):
+        request = log.predict_log.request
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        try:
+            signatures[request.model_spec.signature_name](**inputs)
+        except (tf.errors.OpError, KeyError, TypeError) as err:
+            raise ExportError(f"warm-up request {i + 1} of {len(logs)} ({request.model_spec.signature_name}) "
+                              f"fails: {getattr(err, 'message', err)}") from err
+    return len(logs)
+
+
+# The in-graph preprocessing and the Pi's follow one specification with the same float32
+# arithmetic and agree exactly on the benchmark's pictures (make bench-mobile); this bound
+# leaves room for a last-bit difference in a decoder or a sum's order.
+PICTURE_PARITY_MAX_MEAN_DIFF = 1.0  # mean |difference| of one 28x28 picture, grey levels
+PICTURE_PARITY_DIGITS = 2  # synthetic pictures per kind checked at export
+
+
+def picture_parity(serve_bytes: Callable, digits: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Compare serving_bytes' mnist_image with mobile.preprocess on synthetic pictures of every
+    kind made from `digits` (uint8 [N, 28, 28]). Raises ExportError when they differ by more
+    than PICTURE_PARITY_MAX_MEAN_DIFF, or when only one of the two refuses a picture."""
+    import tensorflow as tf
+
+    from export import photos
+    from mobile import preprocess
+
+    worst, count = 0.0, 0
+    for kind in photos.KINDS:
+        for photo in photos.synthesize_kind(kind, digits, seed=seed):
+            try:
+                pi = preprocess.picture_to_mnist(photo.data)
+            except preprocess.PictureError as err:
+                pi = err
+            try:
+                graph = serve_bytes(**{contract.INPUT_BYTES: tf.constant([photo.data])})[contract.OUTPUT_MNIST_IMAGE].numpy()[0]
+            except tf.errors.InvalidArgumentError as err:
+                graph = err
+            if isinstance(pi, Exception) or isinstance(graph, Exception):
+                if not (isinstance(pi, Exception) and isinstance(graph, Exception)):
+                    raise ExportError(f"on a synthetic {kind} picture the Pi's preprocessing gives {_outcome(pi)} "
+                                      f"but serving_bytes gives {_outcome(graph)}")
+                continue
+            difference = float(np.abs(pi.astype(np.int16) - graph.astype(np.int16)).mean())
+            if difference > PICTURE_PARITY_MAX_MEAN_DIFF:
+                raise ExportError(f"on a synthetic {kind} picture serving_bytes' {contract.OUTPUT_MNIST_IMAGE} differs "
+                                  f"from the Pi's preprocessing by {difference:.2f} grey levels on average "
+                                  f"(allowed {PICTURE_PARITY_MAX_MEAN_DIFF})")
+            worst, count = max(worst, difference), count + 1
+    return {"pictures": count, "max_mean_abs_diff": worst, "kinds": list(photos.KINDS)}
+
+
+def _outcome(result: Any) -> str:
+    if isinstance(result, Exception):
+        return f"an error ({getattr(result, 'message', str(result))[:200]})"
+    return "a picture"
 
 
 def saved_model_cli(*args: str, timeout: float = 300) -> str:
@@ -403,7 +468,7 @@ def saved_model_cli(*args: str, timeout: float = 300) -> str:
 
 def verify_with_cli(saved_model_dir: Path) -> dict[str, Any]:
     """`saved_model_cli show --all` lists both signatures with the right dtypes and shapes;
-    `saved_model_cli run` executes serving_default on one input."""
+    `saved_model_cli run` executes each on the warm-up inputs and prints every output."""
     shown = saved_model_cli("show", "--dir", str(saved_model_dir), "--all")
     expectations = [
         f"signature_def['{contract.SIGNATURE_PIXELS}']",
@@ -412,6 +477,7 @@ def verify_with_cli(saved_model_dir: Path) -> dict[str, Any]:
         f"inputs['{contract.INPUT_BYTES}'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)",
         f"outputs['{contract.OUTPUT_PROBABILITIES}'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)",
         f"outputs['{contract.OUTPUT_DIGIT}'] tensor_info:\n        dtype: DT_INT64\n        shape: (-1)",
+        f"outputs['{contract.OUTPUT_MNIST_IMAGE}'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)",
     ]
     missing = [e for e in expectations if e not in shown]
     if missing:
@@ -419,18 +485,26 @@ def verify_with_cli(saved_model_dir: Path) -> dict[str, Any]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        # --input_exprs only takes Python literals now; a .npy file carries the uint8 batch.
+        # --input_exprs only takes Python literals now; a .npy file carries the uint8 batch,
+        # and the pictures as fixed-length bytes (numpy "S": no pickle; PNG and JPEG files do
+        # not end in the NUL bytes it would drop).
         npy = Path(scratch) / "image.npy"
         with configlib.naming_file(npy):
             np.save(npy, warmup_images(2))
-        ran = saved_model_cli(
-            "run", "--dir", str(saved_model_dir), "--tag_set", "serve",
-            "--signature_def", contract.SIGNATURE_PIXELS,
-            "--inputs", f"{contract.INPUT_PIXELS}={npy}",
-        )
-    for key in (contract.OUTPUT_PROBABILITIES, contract.OUTPUT_DIGIT):
-        if f"Result for output key {key}" not in ran:
-            raise ExportError(f"saved_model_cli run printed no result for output {key!r}:\n{ran[-1000:]}")
+        pictures = Path(scratch) / "pictures.npy"
+        with configlib.naming_file(pictures):
+            np.save(pictures, np.array(warmup_pictures(), dtype=bytes))
+        runs = {
+            contract.SIGNATURE_PIXELS: (f"{contract.INPUT_PIXELS}={npy}", (contract.OUTPUT_PROBABILITIES, contract.OUTPUT_DIGIT)),
+            contract.SIGNATURE_BYTES: (f"{contract.INPUT_BYTES}={pictures}",
+                                       (contract.OUTPUT_PROBABILITIES, contract.OUTPUT_DIGIT, contract.OUTPUT_MNIST_IMAGE)),
+        }
+        for signature, (inputs, keys) in runs.items():
+            ran = saved_model_cli("run", "--dir", str(saved_model_dir), "--tag_set", "serve",
+                                  "--signature_def", signature, "--inputs", inputs)
+            for key in keys:
+                if f"Result for output key {key}" not in ran:
+                    raise ExportError(f"saved_model_cli run of {signature} printed no result for output {key!r}:\n{ran[-1000:]}")
     return {"show": "ok", "run": "ok"}
 
 

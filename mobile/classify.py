@@ -5,9 +5,11 @@
     python3 -m mobile.classify --model mnist.tflite --benchmark 1000 samples/7-photo.jpg
     python3 -m mobile.classify --model mnist.tflite --camera
 
-Each picture (any size, PNG or JPEG, colour or grey, dark ink on paper or the reverse) is put
-into MNIST form first (mobile/preprocess.py); `--no-preprocess` only converts to grey and
-resizes to 28x28. All pictures go through the model as one batch.
+Each picture (PNG, JPEG, BMP or WebP, any size up to the pixel budget, colour or grey, dark
+ink on paper or the reverse, photos, canvas drawings with transparency, scans) is put into
+MNIST form first (mobile/preprocess.py, the specification TF Serving's serving_bytes follows
+too); `--no-preprocess` only converts to grey and resizes to 28x28. All pictures go through
+the model as one batch.
 
 Output: one line per picture (file, digit, probability, top K), or with `--json` one JSON
 object on stdout:
@@ -133,12 +135,34 @@ def parse_config(argv: Sequence[str] | None = None) -> ClassifyConfig:
 # Library
 # --------------------------------------------------------------------------------------------
 def prepare(image: np.ndarray, size: tuple[int, int], preprocess: bool) -> np.ndarray:
-    """A decoded picture (grey [H, W] or RGB [H, W, 3]) -> model input uint8 [h, w]."""
+    """A decoded picture (uint8 grey [H, W] or RGB [H, W, 3], e.g. a camera frame) -> model
+    input uint8 [h, w]."""
+    _check_size(size, preprocess)
+    if preprocess:
+        return pre.to_mnist(image)
+    return pre.resize_only(image, size=size[0])
+
+
+def prepare_file(path: Path, size: tuple[int, int], preprocess: bool) -> np.ndarray:
+    """A picture file -> model input uint8 [h, w]: the whole specification of
+    mobile/preprocess.py (the file's header checked before anything is decoded), or grey +
+    resize with `preprocess` off. Raises PictureError."""
+    _check_size(size, preprocess)
+    if preprocess:
+        data = pre.read_picture(path)
+        try:
+            return pre.picture_to_mnist(data)
+        except pre.PictureError as err:
+            raise pre.PictureError(f"{path}: {err}") from None
+    return pre.resize_only(pre.load_grey(path), size=size[0])
+
+
+def _check_size(size: tuple[int, int], preprocess: bool) -> None:
     if size[0] != size[1]:
         raise pre.PictureError(f"the model takes {size[0]}x{size[1]} pictures; only square inputs are supported")
-    if preprocess:
-        return pre.to_mnist(image, size=size[0])
-    return pre.resize_only(image, size=size[0])
+    if preprocess and size[0] != pre.MNIST_SIZE:
+        raise pre.PictureError(f"the model takes {size[0]}x{size[0]} pictures; the preprocessing makes "
+                               f"{pre.MNIST_SIZE}x{pre.MNIST_SIZE} (use --no-preprocess)")
 
 
 def load_pictures(
@@ -151,7 +175,7 @@ def load_pictures(
     for path in paths:
         start = time.perf_counter()
         try:
-            image = prepare(pre.load_grey(path), size, preprocess)
+            image = prepare_file(path, size, preprocess)
         except pre.PictureError as err:
             message = str(err)
             prefix = f"{path}: "

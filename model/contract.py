@@ -23,9 +23,12 @@ SIGNATURE_BYTES = "serving_bytes"
 INPUT_PIXELS = "image"
 INPUT_BYTES = "image_bytes"
 
-# Output keys, the same for both signatures.
+# Output keys of both signatures.
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_DIGIT = "digit"
+# serving_bytes only: the picture the model saw, uint8 [N, 28, 28] (MNIST form, white on
+# black), as the preprocessing made it from the encoded picture.
+OUTPUT_MNIST_IMAGE = "mnist_image"
 
 # --- The data ------------------------------------------------------------------------------
 IMAGE_HEIGHT = 28

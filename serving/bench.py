@@ -21,6 +21,14 @@ grpc.aio for gRPC; bodies and protos built once). It shares the machine's cores 
 on a shared machine with everyone else: the JSON records the load average before and
 after, and the CPU per request, so numbers from a busy machine can be read for what they are.
 The targets of the issue are evaluated in "targets" (reported, never asserted).
+
+The picture section (`--pictures` per kind, 0 skips it; measure_pictures) sends synthetic
+pictures of every kind (export/photos.py) to serving_bytes over REST and gRPC and through the
+client CLI's two predict paths (pixels preprocessed on the client, and --bytes), and records
+per kind and path the accuracy, the refusals, and whether the model saw the same 28x28
+picture as the Pi's preprocessing makes (mnist_image, within the parity tolerance of
+export/saved_model.py); then the latency of a 1-megapixel JPEG
+photo through serving_bytes with one client (target p50 <= 10 ms).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from serving import json_tensor as jt
 from serving.client import DEFAULT_MAX_BATCH_SIZE, request_slices
 
 TARGETS = {"rest_p50_ms": 3.0, "grpc_p50_ms": 2.0, "predictions_per_s_32_clients": 1500.0}
+PICTURE_TARGETS = {"accuracy": 0.98, "photo_1mp_p50_ms": 10.0, "mnist_png_gap_points": 0.1}
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,10 @@ class BenchConfig:
     timeout: float = field(30.0, "per-prediction timeout in seconds")
     max_batch_size: int = field(DEFAULT_MAX_BATCH_SIZE, "most images per request (the server's batching max_batch_size)")
     server_args: str = field("", "extra flags for python -m serving.server (one string)")
+    pictures: int = field(1000, "picture section: synthetic pictures per kind through serving_bytes (0 skips it)")
+    picture_kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"),
+                                           "picture section: kinds of picture (export/photos.py)")
+    picture_latency_runs: int = field(200, "picture section: requests timed for the 1-megapixel JPEG photo")
 
     def validate(self) -> None:
         if set(self.protocols) - {"rest", "grpc"}:
@@ -75,6 +88,8 @@ class BenchConfig:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.duration <= 0 or self.warmup < 0:
             raise ConfigError("--duration must be > 0 and --warmup >= 0")
+        if self.pictures < 0 or self.picture_latency_runs < 1:
+            raise ConfigError("--pictures must be >= 0 and --picture-latency-runs >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +495,7 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
                     f"CPU/request server {cell.get('server_cpu_ms_per_request', float('nan')):.2f} ms "
                     f"client {cell['client_cpu_ms_per_request']:.2f} ms  "
                     f"rows/run {cell.get('mean_rows_per_model_run', float('nan')):.1f}")
+        pictures = measure_pictures(server, config, log) if config.pictures else None
         exit_status = server.stop()
     results = [combine_rounds(measured[key]) for key in grid]
     if config.rounds > 1:
@@ -490,6 +506,7 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
     report = {
         "results": results,
         "targets": evaluate_targets(results),
+        "pictures": pictures,
         "server": {"models_root": str(root), "args": server.command()[2:], "exit_status_after_sigterm": exit_status},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "load_average_before": [round(x, 2) for x in load_before],
@@ -502,6 +519,163 @@ def run_benchmark(config: BenchConfig, log: Any = print) -> dict[str, Any]:
     return report
 
 
+# --------------------------------------------------------------------------------------------
+# Pictures through serving_bytes
+# --------------------------------------------------------------------------------------------
+PICTURES_PER_REQUEST = 8
+
+
+def measure_pictures(server: Any, config: BenchConfig, log: Any = print) -> dict[str, Any]:
+    """The picture section of the report (see the module docstring): per kind and path,
+    accuracy, refusals and agreement with the Pi's 28x28 pictures, then the 1-megapixel JPEG
+    latency. `server` is a started LocalServerProcess."""
+    from export import photos
+    from mobile import preprocess
+    from model import idx
+    from serving.client import RestClient
+    from serving.grpc_client import GrpcClient
+
+    test = idx.load_split(config.data_dir, "test")
+    count = min(config.pictures, len(test.labels))
+    digits, truth = test.images[:count], test.labels[:count]
+    kinds: dict[str, Any] = {}
+    with RestClient(server.rest_url, timeout=config.timeout) as rest, \
+            GrpcClient(server.grpc_target, timeout=config.timeout) as grpc_client:
+        raw = np.concatenate([rest.predict(digits[i : i + 256]).digits for i in range(0, count, 256)])
+        raw_accuracy = float((raw == truth).mean())
+        for kind in config.picture_kinds:
+            pictures = [p.data for p in photos.synthesize_kind(kind, digits, seed=0)]
+            pi = []
+            for data in pictures:
+                try:
+                    pi.append(preprocess.picture_to_mnist(data))
+                except preprocess.PictureError:
+                    pi.append(None)
+            entry: dict[str, Any] = {"count": count, "refused_by_the_pi": sum(p is None for p in pi)}
+            for path, client in (("rest", rest), ("grpc", grpc_client)):
+                entry[path] = _bytes_path(client, pictures, pi, truth)
+            entry["cli_predict"] = _pixels_path(rest, pi, truth)
+            entry["cli_predict_bytes"] = _bytes_path(rest, pictures, pi, truth, cli=True)
+            entry["cli_paths_agree"] = entry["cli_predict"]["digits"] == entry["cli_predict_bytes"]["digits"]
+            for path in ("rest", "grpc", "cli_predict", "cli_predict_bytes"):
+                entry[path].pop("digits")
+            kinds[kind] = entry
+            log(f"pictures {kind:8s}: REST {entry['rest']['accuracy']:.4f}  gRPC {entry['grpc']['accuracy']:.4f}  "
+                f"CLI predict {entry['cli_predict']['accuracy']:.4f}  predict --bytes {entry['cli_predict_bytes']['accuracy']:.4f}  "
+                f"(paths agree: {entry['cli_paths_agree']}; 28x28 as the Pi's: {entry['rest']['same_28x28_as_the_pi']})")
+        latency = _photo_1mp_latency(rest, grpc_client, test.images[0], config)
+    log(f"1-MP JPEG photo through serving_bytes, one client: REST p50 {latency['rest']['p50_ms']:.1f} ms, "
+        f"gRPC p50 {latency['grpc']['p50_ms']:.1f} ms (target {PICTURE_TARGETS['photo_1mp_p50_ms']} ms)")
+    mnist = kinds.get("mnist")
+    targets = {
+        "every_kind_and_path_accuracy": {
+            "min": min((e[p]["accuracy"] for e in kinds.values() for p in ("rest", "grpc", "cli_predict", "cli_predict_bytes")),
+                       default=None),
+            "target": f">= {PICTURE_TARGETS['accuracy']}"},
+        "photo_1mp_p50_ms": {"value": latency["rest"]["p50_ms"], "target": f"<= {PICTURE_TARGETS['photo_1mp_p50_ms']}",
+                             "met": latency["rest"]["p50_ms"] <= PICTURE_TARGETS["photo_1mp_p50_ms"]},
+    }
+    targets["every_kind_and_path_accuracy"]["met"] = (targets["every_kind_and_path_accuracy"]["min"] or 0) >= PICTURE_TARGETS["accuracy"]
+    if mnist is not None:
+        gap = max(100 * (raw_accuracy - mnist[p]["accuracy"]) for p in ("rest", "grpc", "cli_predict", "cli_predict_bytes"))
+        targets["mnist_png_gap_points"] = {"value": round(gap, 3), "target": f"<= {PICTURE_TARGETS['mnist_png_gap_points']}",
+                                           "met": gap <= PICTURE_TARGETS["mnist_png_gap_points"]}
+    return {"count_per_kind": count, "raw_pixels_accuracy": raw_accuracy, "kinds": kinds,
+            "photo_1mp": latency, "targets": targets}
+
+
+def _bytes_path(client: Any, pictures: list[bytes], pi: list, truth: np.ndarray, cli: bool = False) -> dict[str, Any]:
+    """serving_bytes on every picture, PICTURES_PER_REQUEST a request (a refused request is sent
+    again picture by picture); `cli` goes through serving.query.predict_files as `predict
+    --bytes` does."""
+    from serving.client import RequestRejected
+    from serving.query import predict_files
+
+    digits: list[int] = []
+    images: list[np.ndarray | None] = []
+    if cli:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-pictures-") as folder:
+            paths = []
+            for i, data in enumerate(pictures):
+                paths.append(Path(folder) / f"{i:05d}.picture")
+                paths[-1].write_bytes(data)
+            for start in range(0, len(paths), PICTURES_PER_REQUEST):
+                rows, seen = predict_files(client, [str(p) for p in paths[start : start + PICTURES_PER_REQUEST]], True)
+                digits += [row.get("digit", -1) for row in rows]
+                images += seen
+    else:
+        for start in range(0, len(pictures), PICTURES_PER_REQUEST):
+            chunk = pictures[start : start + PICTURES_PER_REQUEST]
+            try:
+                answer = client.predict_encoded(chunk, validate=False)
+                digits += answer.digits.tolist()
+                images += list(answer.mnist_images)
+            except RequestRejected:
+                for data in chunk:
+                    try:
+                        one = client.predict_encoded([data], validate=False)
+                        digits.append(int(one.digits[0]))
+                        images.append(one.mnist_images[0])
+                    except RequestRejected:
+                        digits.append(-1)
+                        images.append(None)
+    same, identical = _agreement(pi, images)
+    return {"accuracy": float((np.array(digits) == truth).mean()), "refused": digits.count(-1),
+            "same_28x28_as_the_pi": f"{same}/{len(pi)}", "identical_28x28": f"{identical}/{len(pi)}", "digits": digits}
+
+
+def _agreement(pi: list, images: list) -> tuple[int, int]:
+    """(pictures whose 28x28 agree within export.saved_model.PICTURE_PARITY_MAX_MEAN_DIFF
+    grey levels, or both refused; pictures identical byte for byte) between the Pi's
+    preprocessing (`pi`) and serving_bytes' mnist_image (`images`; None: refused)."""
+    from export.saved_model import PICTURE_PARITY_MAX_MEAN_DIFF
+
+    same = identical = 0
+    for mine, theirs in zip(pi, images):
+        if mine is None or theirs is None:
+            same += mine is None and theirs is None
+            continue
+        difference = np.abs(mine.astype(np.int16) - np.asarray(theirs).astype(np.int16))
+        same += float(difference.mean()) <= PICTURE_PARITY_MAX_MEAN_DIFF
+        identical += not difference.any()
+    return same, identical
+
+
+def _pixels_path(client: Any, pi: list, truth: np.ndarray) -> dict[str, Any]:
+    """`predict` without --bytes: the Pi's preprocessing on the client, raw pixels to
+    serving_default (a picture refused on the client counts as wrong)."""
+    ok = [i for i, p in enumerate(pi) if p is not None]
+    digits = np.full(len(pi), -1)
+    for start in range(0, len(ok), 256):
+        chosen = ok[start : start + 256]
+        digits[chosen] = client.predict(np.stack([pi[i] for i in chosen])).digits
+    return {"accuracy": float((digits == truth).mean()), "refused": int((digits == -1).sum()), "digits": digits.tolist()}
+
+
+def _photo_1mp_latency(rest: Any, grpc_client: Any, digit: np.ndarray, config: BenchConfig) -> dict[str, Any]:
+    """p50/p99 of one 1-megapixel (1155 x 866) JPEG photo through serving_bytes, one client,
+    after 10 untimed requests."""
+    from export import photos
+
+    photo = photos.synthesize_photo(digit, np.random.default_rng(1), size=(866, 1155), jpeg=True)
+    out: dict[str, Any] = {"size": [866, 1155], "bytes": len(photo.data), "load_average_before": list(os.getloadavg())}
+    for name, client in (("rest", rest), ("grpc", grpc_client)):
+        for _ in range(10):
+            client.predict_encoded([photo.data], validate=False)
+        seconds = []
+        for _ in range(config.picture_latency_runs):
+            t0 = time.perf_counter()
+            client.predict_encoded([photo.data], validate=False)
+            seconds.append(time.perf_counter() - t0)
+        ms = np.asarray(seconds) * 1e3
+        out[name] = {"runs": len(seconds), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                     "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+    out["load_average_after"] = list(os.getloadavg())
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = configlib.parse_config(BenchConfig, argv, prog="python -m serving.bench")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -509,6 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, target in report["targets"].items():
         if target is not None:
             print(f"  {name}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'NOT met'}")
+    for name, target in ((report.get("pictures") or {}).get("targets") or {}).items():
+        value = target.get("value", target.get("min"))
+        print(f"  pictures {name}: {value} (target {target['target']}): {'met' if target['met'] else 'NOT met'}")
     return 0
 
 

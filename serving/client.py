@@ -5,7 +5,8 @@
     client.status()                                         # {"model_version_status": [...]}
     prediction = client.predict(images)                     # uint8 [N, 28, 28] raw pixels
     prediction.digits, prediction.probabilities             # int64 [N], float32 [N, 10]
-    client.predict_encoded([open("seven.png", "rb").read()])  # PNG/JPEG via serving_bytes
+    encoded = client.predict_encoded([open("seven.png", "rb").read()])  # via serving_bytes
+    encoded.digits, encoded.mnist_images                    # + uint8 [N, 28, 28] the model saw
 
 Before sending, inputs are checked against the signature the server itself reports
 (GET .../metadata, fetched once): dtype and every fixed dimension, because TF Serving does
@@ -220,6 +221,8 @@ class Prediction:
     digits: np.ndarray  # int64 [N]
     probabilities: np.ndarray  # float32 [N, 10]
     model_version: int | None = None  # gRPC responses say which version answered
+    # serving_bytes only: uint8 [N, 28, 28], each picture in the MNIST form the model saw.
+    mnist_images: np.ndarray | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -257,35 +260,29 @@ def prediction_from_outputs(outputs: dict[str, Any], version: int | None = None)
         raise ServerFailure(f"the response lacks output {err}; it has {sorted(outputs)}") from None
     if probabilities.ndim != 2 or len(probabilities) != len(digits):
         raise ServerFailure(f"unexpected output shapes: digits {digits.shape}, probabilities {probabilities.shape}")
-    return Prediction(digits, probabilities, version)
+    mnist_images = None
+    if contract.OUTPUT_MNIST_IMAGE in outputs:
+        mnist_images = np.asarray(outputs[contract.OUTPUT_MNIST_IMAGE])
+        if mnist_images.shape != (len(digits), *contract.IMAGE_SHAPE) or (
+                mnist_images.size and (mnist_images.min() < 0 or mnist_images.max() > 255)):
+            raise ServerFailure(f"unexpected {contract.OUTPUT_MNIST_IMAGE} output of shape {list(mnist_images.shape)}")
+        mnist_images = mnist_images.astype(np.uint8)
+    return Prediction(digits, probabilities, version, mnist_images)
 
 
 def read_picture_bytes(path: Any) -> bytes:
-    """An image file's bytes for serving_bytes, after checking it is a picture Pillow can open
-    (PNG, JPEG, GIF or BMP: what the graph's decoder reads)."""
-    from pathlib import Path
-
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a picture") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
-    import io
+    """An image file's bytes for serving_bytes, after the checks the model's own preprocessing
+    makes before decoding (mobile/preprocess.py's step 1: PNG, JPEG, BMP or WebP, within the
+    pixel budget), so that a picture the server would refuse is refused here with the same
+    message. Raises InputError naming the file."""
+    from mobile import preprocess
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            kind = img.format
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{path}: not a readable picture ({err})") from None
-    if kind not in ("PNG", "JPEG", "GIF", "BMP", "WEBP"):
-        raise InputError(f"{path}: a {kind} picture; the model decodes PNG, JPEG, GIF, BMP or WebP")
+        data = preprocess.read_picture(path)
+        preprocess.read_header(data)
+    except preprocess.PictureError as err:
+        text = str(err)
+        raise InputError(text if text.startswith(str(path)) else f"{path}: {text}") from None
     return data
 
 

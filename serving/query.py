@@ -7,23 +7,29 @@
     python -m serving.query testset --data-dir /work/shared/datasets/mnist --limit 2000
     python -m serving.query --protocol grpc --label canary predict digit.png
 
-`predict` turns each picture into MNIST form on the client (mobile/preprocess.py, the same
-code the Pi runs) and sends raw uint8 pixels; with --bytes it sends the file itself and
-the model's serving_bytes signature decodes it. .npy files hold uint8 [28, 28] or
-[N, 28, 28] pixels. `testset` sends the MNIST test set (IDX files) in --batch-size
-predictions (each sent in requests of at most --max-batch-size images, 256: what TF Serving
-accepts with our batching file) and prints accuracy and latency per prediction (p50/p99);
---report saves them as JSON with the resolved config.
+`predict` turns each picture into MNIST form on the client (mobile/preprocess.py, the code
+the Pi runs) and sends raw uint8 pixels through serving_default; with --bytes it sends the
+file itself through serving_bytes, whose graph does the same preprocessing (the same
+specification, export/picture_graph.py): both give the same digits. --save-mnist DIR writes
+the 28x28 picture the model saw for each file (`<name>.mnist.png`). .npy files hold uint8
+[28, 28] or [N, 28, 28] pixels. A picture that cannot be classified is reported (exit 3 when
+it was refused here, 5 when the server refused it) and the others are still classified; with
+--bytes, a request the server refuses is sent again one picture at a time to tell which.
+`testset` sends the MNIST test set (IDX files) in --batch-size predictions (each sent in
+requests of at most --max-batch-size images, 256: what TF Serving accepts with our batching
+file) and prints accuracy and latency per prediction (p50/p99); --report saves them as JSON
+with the resolved config.
 
 REST needs only requests + numpy; --protocol grpc needs tensorflow-serving-api.
 
 Exit status:
     0  success
     2  bad command line
-    3  bad input file, shape or dtype (nothing was sent)
+    3  bad input file, shape or dtype, or a picture refused here (the other pictures are
+       still classified)
     4  server unreachable (after retries)
-    5  the server refused the request (HTTP 4xx / gRPC INVALID_ARGUMENT, NOT_FOUND, ...);
-       its own message is printed
+    5  the server refused the request or a picture (HTTP 4xx / gRPC INVALID_ARGUMENT,
+       NOT_FOUND, ...); its own message is printed
     6  the server failed (HTTP 5xx / gRPC INTERNAL, UNAVAILABLE after retries, ...)
     7  timed out
 """
@@ -42,8 +48,8 @@ import numpy as np
 from model import configlib, contract
 from model.configlib import ConfigError, field
 from serving.client import (
-    DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, RestClient, RetryPolicy, ServingError,
-    read_picture_bytes,
+    DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, RequestRejected, RestClient, RetryPolicy,
+    ServingError, read_picture_bytes,
 )
 
 COMMANDS = ("status", "metadata", "predict", "testset")
@@ -63,6 +69,7 @@ class QueryConfig:
     timeout: float = field(10.0, "seconds to wait for each answer")
     retries: int = field(3, "retries after 503 / UNAVAILABLE / refused connections")
     bytes: bool = field(False, "predict: send the files themselves through serving_bytes (b64)")
+    save_mnist: Path | None = field(None, "predict: write the 28x28 picture the model saw for each file into this folder")
     data_dir: Path = field(Path("tests/data"), "testset: folder with the MNIST IDX files")
     limit: int = field(0, "testset: use the first N test images (0 = all)")
     batch_size: int = field(1, "testset: images per prediction (sent in requests of at most --max-batch-size)")
@@ -159,29 +166,97 @@ def load_pixels(path: Path) -> np.ndarray:
         if array.ndim != 3 or array.shape[1:] != contract.IMAGE_SHAPE:
             raise InputError(f"{path}: holds shape {list(array.shape)}; expected [28, 28] or [N, 28, 28] pixels")
         return array
-    from mobile.preprocess import PictureError, load_grey, to_mnist
+    from mobile import preprocess
 
     try:
-        return to_mnist(load_grey(path))[np.newaxis]
-    except PictureError as err:
-        raise InputError(str(err)) from None
+        return preprocess.picture_to_mnist(preprocess.read_picture(path))[np.newaxis]
+    except preprocess.PictureError as err:
+        text = str(err)
+        raise InputError(text if text.startswith(str(path)) else f"{path}: {text}") from None
 
 
-def predict_files(client: Any, files: Sequence[str], send_bytes: bool) -> list[dict[str, Any]]:
-    """One row per image: file, index, digit, confidence (and the version, over gRPC)."""
+def _rows(names: Sequence[tuple[str, int | None]], prediction: Prediction) -> list[dict[str, Any]]:
     rows = []
-    if send_bytes:
-        pictures = [read_picture_bytes(f) for f in files]
-        names = [(str(f), None) for f in files]
-        prediction = client.predict_encoded(pictures)
-    else:
-        batches = [(str(f), load_pixels(Path(f))) for f in files]
-        names = [(f, i if len(arr) > 1 else None) for f, arr in batches for i in range(len(arr))]
-        prediction = client.predict(np.concatenate([arr for _f, arr in batches]))
     for (name, index), digit, confidence in zip(names, prediction.digits, prediction.confidences):
         rows.append({"file": name, "index": index, "digit": int(digit), "label": contract.LABELS[int(digit)],
                      "confidence": round(float(confidence), 6), "model_version": prediction.model_version})
     return rows
+
+
+def predict_files(client: Any, files: Sequence[str], send_bytes: bool) -> tuple[list[dict[str, Any]], list[np.ndarray | None]]:
+    """(rows, images): one row per image, in the order given: {file, index, digit, label,
+    confidence, model_version}, or {file, index, error, status} for a picture that could not be
+    classified (status 3: refused here, 5: refused by the server); and for each row the uint8
+    [28, 28] picture the model saw (None for errors).
+
+    Raises ServingError for failures that are not about one picture (server unreachable, ...).
+    """
+    loaded: list[Any] = []  # per file: pixels uint8 [N, 28, 28], picture bytes, or an InputError
+    for f in files:
+        try:
+            loaded.append(read_picture_bytes(f) if send_bytes else load_pixels(Path(f)))
+        except InputError as err:
+            loaded.append(err)
+    good = [i for i, value in enumerate(loaded) if not isinstance(value, InputError)]
+    answers: dict[int, Any] = {i: loaded[i] for i in range(len(files)) if i not in good}
+    if good and send_bytes:
+        try:
+            batch = client.predict_encoded([loaded[i] for i in good])
+            for k, i in enumerate(good):
+                answers[i] = _take(batch, k)
+        except RequestRejected as refused:
+            if len(good) == 1:
+                answers[good[0]] = refused
+            else:  # which picture? one request each
+                for i in good:
+                    try:
+                        answers[i] = client.predict_encoded([loaded[i]], validate=False)
+                    except RequestRejected as err:
+                        answers[i] = err
+    elif good:
+        pixels = np.concatenate([loaded[i] for i in good])
+        batch = client.predict(pixels)
+        start = 0
+        for i in good:
+            count = len(loaded[i])
+            answers[i] = Prediction(batch.digits[start : start + count], batch.probabilities[start : start + count],
+                                    batch.model_version, pixels[start : start + count])
+            start += count
+    rows: list[dict[str, Any]] = []
+    images: list[np.ndarray | None] = []
+    for i, name in enumerate(map(str, files)):
+        answer = answers[i]
+        if isinstance(answer, ServingError):
+            message = getattr(answer, "server_message", "") or str(answer)
+            rows.append({"file": name, "index": None, "error": message, "status": answer.exit_code})
+            images.append(None)
+            continue
+        count = len(answer.digits)
+        rows.extend(_rows([(name, k if count > 1 else None) for k in range(count)], answer))
+        images.extend(answer.mnist_images if answer.mnist_images is not None else [None] * count)
+    return rows, images
+
+
+def _take(prediction: Prediction, i: int) -> Prediction:
+    return Prediction(prediction.digits[i : i + 1], prediction.probabilities[i : i + 1], prediction.model_version,
+                      None if prediction.mnist_images is None else prediction.mnist_images[i : i + 1])
+
+
+def save_mnist_images(folder: Path, rows: Sequence[dict[str, Any]], images: Sequence[np.ndarray | None]) -> list[Path]:
+    """Write each classified picture as `<folder>/<file name>[.<index>].mnist.png`."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for row, image in zip(rows, images):
+        if image is None:
+            continue
+        stem = Path(row["file"]).name + (f".{row['index']}" if row["index"] is not None else "")
+        target = folder / f"{stem}.mnist.png"
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(target)
+        written.append(target)
+    return written
 
 
 def run_testset(client: Any, config: QueryConfig, log: Any = print) -> dict[str, Any]:
@@ -238,14 +313,21 @@ def query(command: str, files: Sequence[str], config: QueryConfig, out: Any = sy
             else:
                 print(_describe_metadata(answer), file=out)
         elif command == "predict":
-            rows = predict_files(client, files, config.bytes)
+            rows, images = predict_files(client, files, config.bytes)
+            if config.save_mnist is not None:
+                save_mnist_images(config.save_mnist, rows, images)
             if config.json:
                 print(json.dumps(rows, indent=1), file=out)
-            else:
-                for row in rows:
-                    where = row["file"] + (f"[{row['index']}]" if row["index"] is not None else "")
+            for row in rows:
+                where = row["file"] + (f"[{row['index']}]" if row["index"] is not None else "")
+                if "error" in row:
+                    print(f"error: {where}: {row['error']}", file=sys.stderr)
+                elif not config.json:
                     version = f"  (version {row['model_version']})" if row["model_version"] else ""
                     print(f"{where}: {row['label']}  p={row['confidence']:.3f}{version}", file=out)
+            failed = [row["status"] for row in rows if "error" in row]
+            if failed:
+                return InputError.exit_code if InputError.exit_code in failed else max(failed)
         else:
             result = run_testset(client, config)
             if config.report is not None:

@@ -48,7 +48,7 @@ def pictures(tmp_path_factory, fixture_data_dir, exported):
     for i in range(200):
         photo = synth.synthesize_photo(test.images[i], rng)
         try:
-            right = clf.predict(preprocess.to_mnist(photo.rgb)).argmax() == test.labels[i]
+            right = clf.predict(preprocess.picture_to_mnist(photo.data)).argmax() == test.labels[i]
         except preprocess.PictureError:
             continue
         if right:
@@ -212,3 +212,53 @@ def test_camera_frame_is_classified_through_picamera2s_api(model, pictures, tmp_
     assert done.returncode == 0, done.stderr
     [result] = json.loads(done.stdout)["results"]
     assert result["file"] == "camera" and result["digit"] == int(photo.name[0])
+
+
+# Peak memory a refused decompression bomb may add to the CLI (decoding the 12000 x 12000 PNG
+# would take 144 MB as grey bytes; 30000 x 30000, 900 MB).
+BOMB_PEAK_RSS_ALLOWANCE = 64 * 2**20
+
+_BOMB_DRIVER = """
+import io, json, sys
+from mobile import classify
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+model, good, *bombs = sys.argv[1:]
+assert classify.main(["--model", model, good], io.StringIO(), io.StringIO()) == 0
+before = peak()
+out, err = io.StringIO(), io.StringIO()
+status = classify.main(["--model", model, "--json", good, *bombs, good], out, err)
+print(json.dumps({"status": status, "grown": peak() - before, "document": json.loads(out.getvalue()),
+                  "stderr": err.getvalue()}))
+"""
+
+
+def test_decompression_bombs_are_refused_before_decoding_and_memory_stays_bounded(model, pictures, tmp_path):
+    """A few-KB PNG declaring 30000 x 30000 (and 12000 x 12000, issue 12) and a JPEG declaring
+    60000 x 60000: PictureError from the header, exit 1, the other pictures still reported,
+    and the CLI's peak resident memory (VmHWM, the same process before and after) hardly grows."""
+    from tests.test_picture_parity import jpeg_declaring, png_bomb
+
+    bombs = {"bomb-30000.png": png_bomb(30000, 30000), "bomb-12000.png": png_bomb(12000, 12000),
+             "bomb-60000.jpg": jpeg_declaring(60000, 60000)}
+    for name, data in bombs.items():
+        assert len(data) < 64 * 1024
+        (tmp_path / name).write_bytes(data)
+    good = pictures["good"][0]
+    done = subprocess.run(
+        [sys.executable, "-c", _BOMB_DRIVER, str(model), str(good), *(str(tmp_path / n) for n in bombs)],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["status"] == 1
+    results = report["document"]["results"]
+    assert results[0]["digit"] == results[-1]["digit"] == int(good.name[0])
+    for result, name in zip(results[1:-1], bombs):
+        assert set(result) == {"file", "error"} and "picture too large" in result["error"], result
+        assert f"{name}: picture too large" in report["stderr"]
+    assert report["grown"] < BOMB_PEAK_RSS_ALLOWANCE, f"peak RSS grew by {report['grown'] / 2**20:.0f} MiB"

@@ -117,8 +117,8 @@ def test_photos_on_paper_keep_accuracy_and_fail_without_preprocessing(test_split
     photos = synth.synthesize_photos(digits, seed=3)
     assert {p.format for p in photos} == {"jpeg", "png"}
     clean = (classifier.predict(digits).argmax(1) == labels).mean()
-    prepared = np.stack([pre.to_mnist(p.rgb) for p in photos])
-    naive = np.stack([pre.resize_only(p.rgb) for p in photos])
+    prepared = np.stack([pre.picture_to_mnist(p.data) for p in photos])
+    naive = np.stack([pre.resize_only(p.pixels) for p in photos])
     with_pre = (classifier.predict(prepared).argmax(1) == labels).mean()
     without = (classifier.predict(naive).argmax(1) == labels).mean()
     # The small fixture model is ~90% accurate; the full model's gap is measured by
@@ -128,13 +128,16 @@ def test_photos_on_paper_keep_accuracy_and_fail_without_preprocessing(test_split
 
 
 def test_photos_read_from_files_match_the_decoded_arrays(tmp_path, test_split):
-    photo = synth.synthesize_photos(test_split.images[:1], seed=5)[0]
+    photo = synth.synthesize_photo(test_split.images[0], np.random.default_rng(5), size=(900, 1200), jpeg=True)
     path = tmp_path / f"digit.{photo.extension}"
     path.write_bytes(photo.data)
-    # load_grey decodes large JPEGs at reduced scale (Image.draft); the result must agree.
-    from_file = pre.to_mnist(pre.load_grey(path))
-    from_array = pre.to_mnist(photo.rgb)
+    # A file's JPEG is decoded at reduced scale (DCT scaling, 1/4 here); a camera frame given
+    # as an array is reduced by blocks instead: the two must agree.
+    assert pre.jpeg_scale(1200, 900) == 4
+    from_file = pre.picture_to_mnist(pre.read_picture(path))
+    from_array = pre.to_mnist(photo.pixels)
     assert _correlation(from_file, from_array) > 0.9
+    assert np.array_equal(pre.grey_to_mnist(pre.load_grey(path)), from_file)
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -186,21 +189,26 @@ def test_non_image_files_fail_clearly(tmp_path, test_split):
 def test_picture_modes_are_read_as_grey(tmp_path, test_split):
     digit = test_split.images[0]
     paper = _on_paper(digit)
-    # 16-bit grey PNG: scaled, not clipped.
+
+    def grey(name: str) -> np.ndarray:  # load_grey gives v in 0..1
+        return np.rint(pre.load_grey(tmp_path / name) * 255).astype(np.uint8)
+
+    # 16-bit grey PNG: its high byte (as TensorFlow's decoder keeps), not clipped.
     Image.fromarray(paper.astype(np.uint16) * 257).save(tmp_path / "deep.png")
-    assert np.array_equal(pre.load_grey(tmp_path / "deep.png"), paper)
+    assert np.array_equal(grey("deep.png"), paper)
     # Palette PNG and RGBA with a transparent background behind dark strokes.
     Image.fromarray(paper).convert("P").save(tmp_path / "palette.png")
-    assert np.array_equal(pre.load_grey(tmp_path / "palette.png"), paper)
+    assert np.array_equal(grey("palette.png"), paper)
     strokes = np.zeros((112, 112, 4), np.uint8)
     strokes[..., 3] = 255 - paper  # ink opaque where dark, paper fully transparent
     Image.fromarray(strokes, "RGBA").save(tmp_path / "transparent.png")
-    grey = pre.load_grey(tmp_path / "transparent.png")
-    assert grey[0, 0] == 255 and grey.min() < 50  # black ink composited onto white
-    assert _correlation(pre.to_mnist(grey), digit) > 0.85
+    composited = grey("transparent.png")
+    assert composited[0, 0] == 255 and composited.min() < 50  # the alpha as ink on white
+    assert _correlation(pre.to_mnist(composited), digit) > 0.85
     # EXIF orientation 6 (rotate 90 degrees clockwise to display) is applied.
     tall = np.full((60, 40), 255, np.uint8)
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(tall).save(tmp_path / "rotated.jpg", exif=exif)
     assert pre.load_grey(tmp_path / "rotated.jpg").shape == (40, 60)
+    assert pre.load_grey(tmp_path / "rotated.jpg").dtype == np.float32

@@ -105,7 +105,7 @@ def test_batches_equal_single_pictures_and_chunks(variants, test_split):
 
 def test_quantized_and_float_models_agree_on_the_sample_photos(variants, test_split):
     photos = synth.synthesize_photos(test_split.images[:40], seed=2)
-    pictures = np.stack([preprocess.to_mnist(p.rgb) for p in photos])
+    pictures = np.stack([preprocess.picture_to_mnist(p.data) for p in photos])
     float_digits = variants["float32"].predict(pictures).argmax(1)
     for name in ("float16", "dynamic", "int8"):
         digits = variants[name].predict(pictures).argmax(1)

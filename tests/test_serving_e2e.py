@@ -173,7 +173,7 @@ def test_metadata_layout(server):
     assert image["dtype"] == "DT_UINT8"
     assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "28", "28"]
     assert defs["serving_default"]["method_name"] == "tensorflow/serving/predict"
-    assert set(defs["serving_bytes"]["outputs"]) == {"digit", "probabilities"}
+    assert set(defs["serving_bytes"]["outputs"]) == {"digit", "probabilities", "mnist_image"}
     stable = requests.get(f"{server.rest_url}/v1/models/mnist/labels/stable/metadata", timeout=10).json()
     assert stable["model_spec"]["version"] == "1"
     from serving.grpc_client import GrpcClient
@@ -226,7 +226,7 @@ UNDECODABLE = base64.b64encode(b"this is not a picture").decode()
     ("POST", "/v1/models/mnist:predict", '{"signature_name": "serving_bytes", "instances": [{"b64": "%%%"}]}', 400,
      "Unable to base64 decode"),
     ("POST", "/v1/models/mnist:predict", json.dumps({"signature_name": "serving_bytes", "instances": [{"b64": UNDECODABLE}]}),
-     400, "Unknown image file format"),
+     400, "not an image (expected PNG, JPEG, BMP or WebP"),
     ("POST", "/v1/models/mnist:predict", json.dumps({"instances": [[[0] * 27] * 28]}), 400,
      "Input to reshape is a tensor with 756 values"),  # TF Serving checks no shapes: the graph does
     ("GET", "/v1/models/mnist:predict", None, 400, "Malformed request: GET /v1/models/mnist:predict"),
@@ -295,7 +295,7 @@ def test_grpc_errors(server, images):
         (request(output_filter=["nope"]), "INVALID_ARGUMENT", "output tensor alias not found in signature: nope"),
         (request(signature="nope"), "FAILED_PRECONDITION", 'Serving signature key "nope" not found.'),
         (request(array=np.array([b"not a picture"], dtype=object), signature="serving_bytes", key="image_bytes"),
-         "INVALID_ARGUMENT", "Unknown image file format"),
+         "INVALID_ARGUMENT", "not an image (expected PNG, JPEG, BMP or WebP"),
     ]
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
