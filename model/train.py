@@ -27,7 +27,6 @@ metrics.json, training_curves.png, confusion_matrix.png, reliability.png, tensor
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import os
