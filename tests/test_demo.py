@@ -41,10 +41,7 @@ def test_page_names_agree_with_the_contract():
     assert names["SIGNATURE_BYTES"] == contract.SIGNATURE_BYTES
     assert names["OUTPUT_DIGIT"] == contract.OUTPUT_DIGIT
     assert names["OUTPUT_PROBABILITIES"] == contract.OUTPUT_PROBABILITIES
-    # The 28x28 picture the model saw: issue 10 adds it to serving_bytes and to the contract;
-    # until then the page shows it only when an answer carries it.
-    if hasattr(contract, "OUTPUT_MNIST_IMAGE"):
-        assert names["OUTPUT_MNIST_IMAGE"] == contract.OUTPUT_MNIST_IMAGE
+    assert names["OUTPUT_MNIST_IMAGE"] == contract.OUTPUT_MNIST_IMAGE
     assert names["DEFAULT_SERVER"] == demo.PAGE_DEFAULT_SERVER
 
 

@@ -29,10 +29,9 @@ CHROMIUM_ARGS = (
     "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 )
-# The output that carries the 28x28 picture the model saw: model/contract.py's once issue 10
-# adds it there (tests/test_demo.py checks the page's own name against it), the agreed name
-# until then.
-OUTPUT_MNIST_IMAGE = getattr(contract, "OUTPUT_MNIST_IMAGE", "mnist_image")
+# The output that carries the 28x28 picture the model saw (tests/test_demo.py checks the
+# page's own name against the contract's).
+OUTPUT_MNIST_IMAGE = contract.OUTPUT_MNIST_IMAGE
 # The longest a page action may take on a loaded 2-core machine (not a speed target).
 ACTION_TIMEOUT_MS = 60_000
 
