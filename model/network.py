@@ -71,6 +71,7 @@ def build_mlp(
     seed: int = 0,
     temperature: float = 1.0,
     dropout_rng: Literal["keras", "philox"] = "keras",
+    synchronized_batch_norm: bool = False,
 ):
     """A Keras functional MLP for 28x28 digits.
 
@@ -85,6 +86,10 @@ def build_mlp(
         Networks", ICML 2017): probabilities = softmax(logits / T). 1 changes nothing.
       dropout_rng: "keras" (keras.layers.Dropout) or "philox" (philox_dropout_class(), the
         fast form under XLA on the CPU). Both have the same weights and inference function.
+      synchronized_batch_norm: BatchNormalization(synchronized=True): under a tf.distribute
+        strategy with several replicas, each step's batch statistics are all-reduced over the
+        global batch instead of taken per replica, so N replicas train as one device with the
+        same global batch would. Same weights and inference function either way.
 
     Returns an uncompiled keras.Model whose input is uint8 [None, 28, 28] named "image" and
     whose output is float32 [None, 10] named "probabilities". Raises ValueError for bad widths,
@@ -115,7 +120,7 @@ def build_mlp(
             name=f"dense_{i}",
         )(x)
         if batch_norm:
-            x = keras.layers.BatchNormalization(name=f"batch_norm_{i}")(x)
+            x = keras.layers.BatchNormalization(synchronized=synchronized_batch_norm, name=f"batch_norm_{i}")(x)
         x = keras.layers.Activation("relu", name=f"relu_{i}")(x)
         if dropout > 0:
             x = Dropout(dropout, seed=seed + 100 + i, name=f"dropout_{i}")(x)

@@ -566,8 +566,10 @@ def configure_threads(threads: int) -> dict[str, int]:
     return {"intra_op": intra, "inter_op": inter}
 
 
-def build_training_model(config: TrainConfig, dropout_rng: str = "philox"):
-    """The MLP as trained: Philox dropout (fast under XLA; see model.network). Uncompiled."""
+def build_training_model(config: TrainConfig, dropout_rng: str = "philox", replicas: int = 1):
+    """The MLP as trained: Philox dropout (fast under XLA; see model.network) and, over several
+    replicas, BatchNormalization synchronised across them (statistics of the global batch, as
+    one device would compute them). Uncompiled."""
     from model.network import build_mlp
 
     return build_mlp(
@@ -577,6 +579,7 @@ def build_training_model(config: TrainConfig, dropout_rng: str = "philox"):
         batch_norm=config.batch_norm,
         seed=config.seed,
         dropout_rng=dropout_rng,
+        synchronized_batch_norm=replicas > 1,
     )
 
 
@@ -595,12 +598,14 @@ def inference_model(config: TrainConfig, trained, temperature: float = 1.0):
 
 
 def build_compiled_model(
-    config: TrainConfig, steps_per_epoch: int, use_xla: bool, steps_per_execution: int | None = None
+    config: TrainConfig, steps_per_epoch: int, use_xla: bool, steps_per_execution: int | None = None,
+    replicas: int = 1,
 ):
-    """The MLP with its optimiser, loss and metrics (call inside the strategy scope)."""
+    """The MLP with its optimiser, loss and metrics (call inside the strategy scope, with the
+    strategy's `num_replicas_in_sync`)."""
     import keras
 
-    model = build_training_model(config)
+    model = build_training_model(config, replicas=replicas)
     total_steps = max(1, config.epochs * steps_per_epoch)
     warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -827,7 +832,7 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     train_ds = make_training_input(config, train_split, plan, strategy, workers, first_epoch=initial_epoch)
     val_ds = distributed.eval_input(strategy, data.make_eval_dataset(val_split, 1024))
     with strategy.scope():
-        model = build_compiled_model(config, plan.steps_per_epoch, use_xla, plan.steps_per_execution)
+        model = build_compiled_model(config, plan.steps_per_epoch, use_xla, plan.steps_per_execution, replicas)
 
     log(f"Run folder: {run_dir}")
     log(
