@@ -245,11 +245,14 @@ def request_slices(count: int, max_batch_size: int) -> list[slice]:
 
 def join_predictions(parts: Sequence[Prediction]) -> Prediction:
     """The answers to consecutive pieces of one input as one Prediction; model_version is
-    the version that answered every piece, or None when a version swap came in between."""
+    the version that answered every piece, or None when a version swap came in between;
+    mnist_images (serving_bytes) joined when every piece carries them, else None."""
     versions = {p.model_version for p in parts}
+    images = [p.mnist_images for p in parts]
     return Prediction(np.concatenate([p.digits for p in parts]),
                       np.concatenate([p.probabilities for p in parts]),
-                      versions.pop() if len(versions) == 1 else None)
+                      versions.pop() if len(versions) == 1 else None,
+                      None if any(i is None for i in images) else np.concatenate(images))
 
 
 def prediction_from_outputs(outputs: dict[str, Any], version: int | None = None) -> Prediction:

@@ -133,7 +133,8 @@ def test_make_train_exports_the_run_it_trained_on_the_chief_only(tmp_path, chief
         f'echo "$*" >> {calls}\n'
         'if [ "$2" = model.train ]; then\n'
         '  while [ $# -gt 0 ]; do [ "$1" = --run-record ] && record=$2; shift; done\n'
-        + (f'  echo {run} > "$record"\n' if chief else '  rm -f "$record"\n')
+        + (f'  mkdir -p "$(dirname "$record")"; echo {run} > "$record"\n'  # as model.train does
+           if chief else '  rm -f "$record"\n')
         + "fi\n")
     shim.chmod(0o755)
     done = subprocess.run(

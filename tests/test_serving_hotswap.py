@@ -117,6 +117,8 @@ def test_hot_swap_fails_no_request(copy_serving_base, fixture_mnist, tmp_path):
         assert publish_copy(model_dir, model_dir / "1") == 4
         _wait_for(lambda: seen_versions[-1] == 4, 60, "version 4 to be served")
         _wait_for(lambda: _versions(server).get("3", ("",))[0] == "END", 60, "version 3 to give up")
+        # Version 2 unloads once version 4 serves (UNLOADING, then END): wait for that event.
+        _wait_for(lambda: _versions(server).get("2", ("",))[0] == "END", 60, "version 2 to be unloaded")
         versions = _versions(server)
         assert versions["3"][1] != "OK"
         assert versions == {"4": ("AVAILABLE", "OK"), "3": ("END", versions["3"][1]), "2": ("END", "OK"),

@@ -980,6 +980,11 @@ def test_the_clients_default_request_size_is_the_batching_files_limit():
     assert joined.digits.tolist() == [1, 2, 3] and joined.probabilities.shape == (3, 10)
     assert joined.model_version is None  # a swap came in between
     assert join_predictions(parts[:1]).model_version == 4
+    assert joined.mnist_images is None
+    # serving_bytes answers carry the 28x28 pictures the model saw: they are joined too.
+    seen = [np.full((2, 28, 28), 1, np.uint8), np.full((1, 28, 28), 2, np.uint8)]
+    with_images = [Prediction(p.digits, p.probabilities, 4, image) for p, image in zip(parts, seen)]
+    assert join_predictions(with_images).mnist_images[:, 0, 0].tolist() == [1, 1, 2]
 
 
 def test_metric_label_values_are_escaped():
