@@ -661,18 +661,7 @@ def ink_strength(work, dark_ink, size, halved):
     ring_zero, ring_noise = median_mad(_ring(smooth), -1.0, 1.0)
     use_ring = ring_zero < zero
     zero = tf.where(use_ring, ring_zero, zero)
-    noise = tf.where(use_ring, ring_noise, noise)
-    # The chosen set as counts over the picture: all of it once, or its ring as _ring has it
-    # (a corner is in a row and a column: twice).
-    h, w = tf.shape(smooth)[0], tf.shape(smooth)[1]
-    rows, cols = tf.range(h)[:, None], tf.range(w)[None, :]
-    ring_count = sum(tf.cast(edge, tf.float32) for edge in (rows == 0, rows == h - 1, cols == 0, cols == w - 1))
-    chosen = tf.where(use_ring, ring_count, tf.ones_like(smooth))
-    for _ in range(spec.ZERO_REFINE):
-        near = chosen * tf.cast(tf.abs(smooth - zero) <= spec.ZERO_WINDOW * noise, tf.float32)
-        zero = quantile(smooth, 0.5, -1.0, 1.0, weights=near)
-        noise = 1.4826 * quantile(tf.abs(smooth - zero), 0.5, 0.0, 2.0, weights=near)
-    noise = tf.maximum(noise, 0.5 / 255)
+    noise = tf.maximum(tf.where(use_ring, ring_noise, noise), 0.5 / 255)
     smooth = smooth - zero
     ink_pixels = smooth > tf.maximum(spec.NOISE_SIGMAS * noise, spec.MIN_CONTRAST / 2)
     peak = tf.reduce_max(smooth)

@@ -79,11 +79,7 @@ its windows clipped at the borders where step 7 says so.
     background) / max(1 - background, 0.05): light and shadow cancel. Paper is the zero: of the
     median of box3(s) over the whole picture and over its ring (a tight crop's ink may cover
     most of it, never most of its border), the lower, with the MAD noise of the same set
-    (quantiles over [-1, 1]); then ZERO_REFINE times: the set's values within ZERO_WINDOW x
-    noise of the zero give the new zero (their median, over [-1, 1]) and noise (1.4826 x the
-    median of their distance to it, over [0, 2]) (a ring half covered by a bold digit's ink
-    has a median between paper and ink and a MAD as wide as the ink's contrast: the window
-    closes in on the paper); noise >= 0.5/255. Ink pixels: box3(s) - zero > max(NOISE_SIGMAS
+    (quantiles over [-1, 1], noise >= 0.5/255). Ink pixels: box3(s) - zero > max(NOISE_SIGMAS
     noise, MIN_CONTRAST / 2). No ink pixel, or a peak of box3(s) - zero under MIN_CONTRAST:
     "empty picture". Stretch: core = the 0.9 quantile of the ink pixels' box3(s) - zero (over
     [0, 2]), low = min(max(2 noise, 0.1 core), 0.5 core), ink = clip((s - zero - low) / (core
@@ -186,10 +182,6 @@ BORDER_INK_RATIO = 0.45
 MIN_CONTRAST = 0.10  # weaker than this everywhere = a blank picture
 NOISE_SIGMAS = 4.0  # ink must stand this many noise sigmas above the paper
 QUANTILE_BINS = 2048  # histogram bins of every quantile
-# The paper's zero and noise are refined this many times over the values within ZERO_WINDOW
-# noise sigmas of the zero (step 8).
-ZERO_REFINE = 2
-ZERO_WINDOW = 3.0
 
 # --- 9. the digit ----------------------------------------------------------------------------
 # Components smaller than this fraction of the largest are specks; up to FAR_FRACTION they
@@ -616,19 +608,6 @@ def _median_mad(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]
     return median, 1.4826 * spread
 
 
-def _refine_zero(values: np.ndarray, zero: float, noise: float) -> tuple[float, float]:
-    """Step 8's refinement: ZERO_REFINE times, (median, MAD noise) of the values within
-    ZERO_WINDOW x noise of the zero. A ring half covered by ink (a tight crop of a bold digit)
-    has a median between paper and ink and a MAD as wide as the ink's contrast; the window
-    closes in on the paper's mode. Gaussian noise alone keeps its MAD (the window cuts 0.3%)."""
-    values = np.asarray(values, np.float32)
-    for _ in range(ZERO_REFINE):
-        near = np.abs(values - np.float32(zero)) <= np.float32(ZERO_WINDOW * noise)
-        zero = _quantile(values, 0.5, -1.0, 1.0, weights=near)
-        noise = 1.4826 * _quantile(np.abs(values - np.float32(zero)), 0.5, 0.0, 2.0, weights=near)
-    return zero, noise
-
-
 def _dilate(values: np.ndarray, steps: int) -> np.ndarray:
     """Grey dilation by an octagon: `steps` passes of a 3x3 max, alternately the square (first)
     and the cross; borders clipped."""
@@ -785,10 +764,8 @@ def ink_strength(work: np.ndarray, dark_ink: bool, size: int) -> tuple[np.ndarra
     smooth = _box3(strength)
     zero, noise = _median_mad(smooth, -1.0, 1.0)
     ring_zero, ring_noise = _median_mad(_ring(smooth), -1.0, 1.0)
-    chosen = smooth
     if ring_zero < zero:
-        zero, noise, chosen = ring_zero, ring_noise, _ring(smooth)
-    zero, noise = _refine_zero(chosen, zero, noise)
+        zero, noise = ring_zero, ring_noise
     noise = max(noise, 0.5 / 255)
     smooth = smooth - np.float32(zero)
     ink_pixels = smooth > np.float32(max(NOISE_SIGMAS * noise, MIN_CONTRAST / 2))
