@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import configlib
-from model.configlib import field
+from common import configlib
+from common.configlib import field
 
 TARGETS = {"int8_max_bytes": 1_000_000, "int8_max_accuracy_drop": 0.001, "int8_max_p50_us": 50.0,
            "export_max_seconds": 120.0}

@@ -45,8 +45,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CHUNK = 1000  # pictures per CLI call (keeps the command line short)

@@ -41,8 +41,8 @@ import numpy as np
 from PIL import Image
 
 import mobile
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "mnist-pi"

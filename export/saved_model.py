@@ -7,7 +7,7 @@ Layout TF Serving expects under its model base path:
                           /assets.extra/tf_serving_warmup_requests   (replayed at load)
                           /assets.extra/metrics.json                 (what we measured)
 
-Signatures (names from model/contract.py):
+Signatures (names from common/contract.py):
 
     serving_default  image        uint8  [-1, 28, 28]  raw pixels, /255 is inside the graph
                      -> probabilities float32 [-1, 10], digit int64 [-1]
@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from model import configlib, contract
+from common import configlib, contract
 
 TMP_PREFIX = ".tmp-export-"  # non-numeric: TF Serving ignores such folders
 HIGH_WATER_FILE = ".last_version"

@@ -35,7 +35,7 @@ import numpy as np
 
 from mobile.classify import percentiles_us
 from mobile.runtime import Classifier
-from model import configlib, contract
+from common import configlib, contract
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 RECOMMENDED_FILE = contract.MOBILE_MODEL_FILE

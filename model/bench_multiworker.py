@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import cluster, configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from model import cluster
+from common.configlib import ConfigError, field
 
 
 @dataclass(frozen=True)

@@ -625,7 +625,7 @@ class GpuCheckConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import configlib
+    from common import configlib
 
     config = configlib.parse_config(GpuCheckConfig, argv, prog="python -m model.gpu")
     try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-from model import contract
+from common import contract
 
 TEMPERATURE_LAYER = "temperature"
 

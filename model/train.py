@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
-from model import cluster, configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from model import cluster
+from common.configlib import ConfigError, field
 
 EXIT_INTERRUPTED = 130  # like a shell's exit status after Ctrl-C
 

@@ -46,8 +46,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 from serving import json_tensor as jt
 from serving.client import DEFAULT_MAX_BATCH_SIZE, request_slices
 

@@ -28,7 +28,7 @@ batching file's max_batch_size) and join the answers: TF Serving refuses a large
 ("Task size N is larger than maximum input batch size 256"), and its metadata does not say
 the limit, so it is a client setting that must not exceed the server's.
 
-This module imports numpy, requests and model/contract.py (pure Python) only; a test
+This module imports numpy, requests and common/contract.py (pure Python) only; a test
 imports it with TensorFlow blocked.
 """
 
@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from model import contract
+from common import contract
 
 DEFAULT_REST_URL = "http://localhost:8501"
 DEFAULT_GRPC_TARGET = "localhost:8500"

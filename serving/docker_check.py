@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model import configlib, contract
-from model.configlib import field
+from common import configlib, contract
+from common.configlib import field
 
 MIN_TENSORFLOW = "2.21.0"  # the TensorFlow this kit trains and exports with
 

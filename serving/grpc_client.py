@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from model import contract
+from common import contract
 from serving import tensor_proto
 from serving.client import (
     DEFAULT_GRPC_TARGET, DEFAULT_MAX_BATCH_SIZE, DeadlineExceeded, InputError, Prediction,

@@ -387,7 +387,7 @@ class Servable:
         A failing record fails the load, as in TF Serving. Other log kinds (classify,
         regress, multi-inference) are skipped: this server implements Predict only.
         """
-        from model import contract
+        from common import contract
 
         path = self.path / contract.WARMUP_FILE
         if not path.is_file():

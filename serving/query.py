@@ -45,8 +45,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 from serving.client import (
     DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, RequestRejected, RestClient, RetryPolicy,
     ServingError, read_picture_bytes,

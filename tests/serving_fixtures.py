@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model import contract
+from common import contract
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_TOOL = REPO / ".tools" / "docker-compose"  # the Makefile's COMPOSE_TOOL (make setup-compose)

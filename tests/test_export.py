@@ -17,7 +17,7 @@ import pytest
 from export import saved_model as sm
 from export import tflite
 from export.pipeline import EXIT_GATE_REFUSED
-from model import contract
+from common import contract
 
 from .conftest import REPO, python_env
 from .process_guard import stopping

@@ -21,7 +21,7 @@ import pytest
 
 from export import pipeline, tflite
 from export import saved_model as sm
-from model import configlib, contract
+from common import configlib, contract
 
 ENOSPC_TEXT = "No space left on device (ENOSPC)"
 

@@ -26,7 +26,8 @@ from mobile.runtime import (
     load_labels,
     load_runtime,
 )
-from model import contract, idx
+from common import contract
+from model import idx
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("float32", "float16", "dynamic", "int8")
@@ -39,7 +40,7 @@ BLOCK_TENSORFLOW = textwrap.dedent(
     import importlib.abc, sys
     class _Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"tensorflow", "keras", "model", "export", "serving", "tests"}:
+            if name.split(".")[0] in {"tensorflow", "keras", "common", "model", "export", "serving", "tests"}:
                 raise ImportError(f"{name} is blocked in this test")
             return None
     sys.meta_path.insert(0, _Block())

@@ -20,7 +20,7 @@ import requests
 
 from export import photos
 from mobile import preprocess as pre
-from model import contract
+from common import contract
 from tests.conftest import python_env
 from tests.serving_fixtures import REPO, error_of, saved_model_bytes_outputs, start_server
 from tests.test_picture_parity import BAD, CASES, jpeg_declaring, png_bomb

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from model import contract
+from common import contract
 from tests.conftest import python_env
 from tests.serving_fixtures import (
     BLOCK_TENSORFLOW, PROBABILITY_ATOL, REPO, error_of, png_bytes, publish_copy,

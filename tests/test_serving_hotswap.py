@@ -22,7 +22,7 @@ import time
 import pytest
 import requests
 
-from model import contract
+from common import contract
 from tests.serving_fixtures import publish_copy, start_server
 
 pytestmark = pytest.mark.slow

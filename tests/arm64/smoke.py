@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from model import configlib, idx
-from model.configlib import ConfigError, field
+from common import configlib
+from model import idx
+from common.configlib import ConfigError, field
 from tests.arm64 import emulation
 from tests.arm64.emulation import EmulationError
 

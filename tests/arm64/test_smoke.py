@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import configlib, idx
+from common import configlib
+from model import idx
 from tests.arm64 import smoke
 from tests.arm64.smoke import SmokeConfig, SmokeError
 
