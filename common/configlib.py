@@ -288,6 +288,35 @@ def remove_leftovers(folder: Path, pattern: str) -> list[Path]:
     return removed
 
 
+TMP_INFIX = ".tmp-"  # `.<name>.tmp-<pid>`: a file, folder or link being written by process <pid>
+
+
+def point_link_at(link: Path, target: Path, error: type[Exception] = ConfigError) -> None:
+    """Atomically make `link` a relative symlink to `target` (artifacts/mobile, runs/latest).
+
+    The new link is made beside `link` and renamed over it, so readers see the old target or
+    the new one, never neither; leftovers of dead processes are removed first. Raises `error`
+    (the caller's own error type) when `link` is a real file or folder, or when the link
+    cannot be written (the message names the file and the cause; `link` is left as it was).
+    """
+    link = Path(link)
+    if link.exists() and not link.is_symlink():
+        raise error(f"{link} exists and is not a symlink; move it away first")
+    remove_leftovers(link.parent, re.escape(f".{link.name}{TMP_INFIX}") + r"(?P<pid>\d+)")
+    tmp = link.with_name(f".{link.name}{TMP_INFIX}{os.getpid()}")
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        with naming_file(tmp):
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+        with naming_file(link):
+            os.replace(tmp, link)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        before = f"still points at {os.readlink(link)}" if link.is_symlink() else "was not made"
+        raise error(f"cannot point {link} at {target}: {write_failure(err)}; {link} {before}") from err
+
+
 def pid_alive(pid: int) -> bool:
     """Is process `pid` running? For files named after their writer's pid (temporary export
     folders, the local server's pid file): a dead writer's file is a leftover."""

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from common import configlib, contract
+from common.versions import numeric_versions
 
 TMP_PREFIX = ".tmp-export-"  # non-numeric: TF Serving ignores such folders
 HIGH_WATER_FILE = ".last_version"
@@ -64,13 +65,6 @@ class GateRefused(ExportError):
 # --------------------------------------------------------------------------------------------
 # Versions
 # --------------------------------------------------------------------------------------------
-
-def numeric_versions(model_dir: Path) -> list[int]:
-    """Published versions: the purely numeric sub-folders, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
 
 def next_version(model_dir: Path) -> int:
     """One more than every version ever published here (deleted ones included)."""
@@ -194,9 +188,28 @@ def _write_high_water_mark(model_dir: Path, number: int) -> None:
 # The graph
 # --------------------------------------------------------------------------------------------
 
+def pixels_archive(model, serve_pixels):
+    """A keras.export.ExportArchive tracking `model` with the pixels signature: `serve_pixels`
+    called on uint8 [batch, 28, 28] under the name contract.INPUT_PIXELS.
+
+    The SavedModel for TF Serving and the TFLite converter's SavedModel both start here, so
+    their pixels signature is one definition.
+    """
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=contract.SIGNATURE_PIXELS,
+        fn=serve_pixels,
+        input_signature=[tf.TensorSpec([None, *contract.IMAGE_SHAPE], tf.uint8, name=contract.INPUT_PIXELS)],
+    )
+    return archive
+
+
 def build_archive(model):
     """A keras.export.ExportArchive with both signatures around `model` (no I/O)."""
-    import keras
     import tensorflow as tf
 
     def outputs(probabilities):
@@ -220,13 +233,7 @@ def build_archive(model):
     assert serve_pixels.__code__.co_varnames[0] == contract.INPUT_PIXELS
     assert serve_bytes.__code__.co_varnames[0] == contract.INPUT_BYTES
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name=contract.SIGNATURE_PIXELS,
-        fn=serve_pixels,
-        input_signature=[tf.TensorSpec([None, *contract.IMAGE_SHAPE], tf.uint8, name=contract.INPUT_PIXELS)],
-    )
+    archive = pixels_archive(model, serve_pixels)
     archive.add_endpoint(
         name=contract.SIGNATURE_BYTES,
         fn=serve_bytes,

@@ -33,8 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mobile.classify import percentiles_us
-from mobile.runtime import Classifier
+from mobile.runtime import Classifier, latency_stats
 from common import configlib, contract
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
@@ -93,21 +92,14 @@ def write_conversion_saved_model(model, directory: Path) -> Path:
     export's second output (`digit`, an int64 ArgMax) is left out: the device takes argmax.
     The flatten becomes a constant-shape reshape (see _static_flatten_chain).
     """
-    import keras
-    import tensorflow as tf
+    from export.saved_model import pixels_archive
 
     forward = _static_flatten_chain(model)
 
     def serve(image):
         return {contract.OUTPUT_PROBABILITIES: forward(image)}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name=contract.SIGNATURE_PIXELS,
-        fn=serve,
-        input_signature=[tf.TensorSpec([None, *contract.IMAGE_SHAPE], tf.uint8, name=contract.INPUT_PIXELS)],
-    )
+    archive = pixels_archive(model, serve)
     archive.write_out(str(directory), verbose=False)
     return directory
 
@@ -184,7 +176,7 @@ class LiteModel(Classifier):
             self._interpreter.invoke()
             self._interpreter.get_tensor(out)
             seconds.append(time.perf_counter() - start)
-        return {f"latency_us_{k}": round(v, 2) for k, v in percentiles_us(seconds).items()}
+        return {f"latency_us_{k}": round(v, 2) for k, v in latency_stats(seconds, 1e6).items()}
 
     def describe(self) -> dict[str, Any]:
         def tensor(d):
@@ -457,7 +449,7 @@ def export_tflite(
     return TFLiteResult(out_dir, report)
 
 
-TMP_INFIX = ".tmp-"  # `.<build>.tmp-<pid>`: a build being written
+TMP_INFIX = configlib.TMP_INFIX  # `.<build>.tmp-<pid>`: a build being written
 CONVERSION_DIR = ".conversion-saved-model"  # inside it, removed before the rename
 
 
@@ -481,24 +473,5 @@ def _package_version(dist: str) -> str | None:
 
 
 def point_link_at(link: Path, target: Path) -> None:
-    """Atomically make `link` a relative symlink to `target` (e.g. artifacts/mobile).
-
-    Raises TFLiteError when `link` is a real file or folder, or when the link cannot be
-    written (the message names the file and the cause; `link` is left as it was).
-    """
-    link = Path(link)
-    if link.exists() and not link.is_symlink():
-        raise TFLiteError(f"{link} exists and is not a symlink; move it away first")
-    configlib.remove_leftovers(link.parent, re.escape(f".{link.name}{TMP_INFIX}") + r"(?P<pid>\d+)")
-    tmp = link.with_name(f".{link.name}{TMP_INFIX}{os.getpid()}")
-    try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        with configlib.naming_file(tmp):
-            os.symlink(os.path.relpath(target, link.parent), tmp)
-        with configlib.naming_file(link):
-            os.replace(tmp, link)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        before = f"still points at {os.readlink(link)}" if link.is_symlink() else "was not made"
-        raise TFLiteError(f"cannot point {link} at {target}: {configlib.write_failure(err)}; {link} {before}") from err
+    """configlib.point_link_at, failing with TFLiteError."""
+    configlib.point_link_at(link, target, error=TFLiteError)

@@ -86,7 +86,7 @@ class Quantization:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class Classification:
     """One picture's result: the top class, its probability and the `top` best classes."""
 
     digit: int
@@ -378,17 +378,32 @@ class Classifier:
         probabilities = np.concatenate(chunks)
         return probabilities[0] if single else probabilities
 
-    def classify(self, images: np.ndarray, top: int = 3) -> list[Prediction]:
+    def classify(self, images: np.ndarray, top: int = 3) -> list[Classification]:
         """Predictions for a batch uint8 [N, H, W]: top class and the `top` best, best first."""
         if top < 1:
             raise ValueError(f"top must be >= 1, got {top}")
         probabilities = self.predict(np.asarray(images).reshape(-1, *self.input_size))
         return [self.prediction(p, top) for p in probabilities]
 
-    def prediction(self, probabilities: np.ndarray, top: int = 3) -> Prediction:
-        """A Prediction from one row of probabilities [classes]."""
+    def prediction(self, probabilities: np.ndarray, top: int = 3) -> Classification:
+        """A Classification from one row of probabilities [classes]."""
         # Stable sort: ties keep class order, so results are reproducible across runtimes.
         order = np.argsort(-probabilities, kind="stable")[: min(top, self.num_classes)]
         best = [(int(i), self.labels[int(i)], float(probabilities[int(i)])) for i in order]
         digit, label, probability = best[0]
-        return Prediction(digit, label, probability, tuple(best))
+        return Classification(digit, label, probability, tuple(best))
+
+
+def latency_stats(seconds: Sequence[float], per_second: float) -> dict[str, float]:
+    """{"p50", "p99", "mean"} of durations given in seconds, in units of 1/`per_second` s
+    (1e6: microseconds, 1e3: milliseconds). Percentiles as numpy's default (linear).
+
+    The one latency summary of the kit: the Pi CLI, the TFLite export, the serving benchmark
+    and the query CLI all report these. `seconds` must not be empty.
+    """
+    scaled = np.asarray(seconds, dtype=np.float64) * per_second
+    return {
+        "p50": float(np.percentile(scaled, 50)),
+        "p99": float(np.percentile(scaled, 99)),
+        "mean": float(scaled.mean()),
+    }

@@ -218,13 +218,8 @@ def find_resumable_run(config: TrainConfig) -> Path | None:
 
 
 def point_latest_at(run_dir: Path) -> None:
-    """Atomically make `<out>/latest` a relative symlink to `run_dir`."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(run_dir.name, tmp)
-    os.replace(tmp, link)
+    """Atomically make `<out>/latest` a relative symlink to `run_dir` (ConfigError if it cannot)."""
+    configlib.point_link_at(run_dir.parent / "latest", run_dir)
 
 
 # --------------------------------------------------------------------------------------------

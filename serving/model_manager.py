@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from common.versions import numeric_versions
 from serving import protocol
 from serving import tensor_proto
 from serving.config_files import ModelSpecConfig, VersionPolicy
@@ -453,21 +454,6 @@ class _Model:
     aspired: set[int] = field(default_factory=set)  # as of the last poll
     # Versions being loaded (each in its own thread): set the Event to stop its retries.
     loading: dict[int, threading.Event] = field(default_factory=dict)
-
-
-def numeric_versions(base_path: Path) -> list[int]:
-    """Version folders under a model's base path: names that parse as non-negative int64."""
-    try:
-        entries = list(Path(base_path).iterdir())
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return []
-    versions = []
-    for entry in entries:
-        if entry.name.isdigit() and entry.is_dir():
-            number = int(entry.name)
-            if number <= protocol.INT64_MAX:
-                versions.append(number)
-    return sorted(set(versions))
 
 
 class ModelManager:
