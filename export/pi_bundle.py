@@ -100,7 +100,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     probability >= SAMPLE_MIN_PROBABILITY.
     """
     from export import photos
-    from export.saved_model import encode_png
+    from export.warmup import encode_png
     from mobile import preprocess
     from mobile.runtime import Classifier
     from model import idx

@@ -92,7 +92,7 @@ def write_conversion_saved_model(model, directory: Path) -> Path:
     export's second output (`digit`, an int64 ArgMax) is left out: the device takes argmax.
     The flatten becomes a constant-shape reshape (see _static_flatten_chain).
     """
-    from export.saved_model import pixels_archive
+    from export.serving_graph import pixels_archive
 
     forward = _static_flatten_chain(model)
 

@@ -27,7 +27,7 @@ pictures of every kind (export/photos.py) to serving_bytes over REST and gRPC an
 client CLI's two predict paths (pixels preprocessed on the client, and --bytes), and records
 per kind and path the accuracy, the refusals, and whether the model saw the same 28x28
 picture as the Pi's preprocessing makes (mnist_image, within the parity tolerance of
-export/saved_model.py); then the latency of a 1-megapixel JPEG
+export/verify.py); then the latency of a 1-megapixel JPEG
 photo through serving_bytes with one client (target p50 <= 10 ms).
 """
 
@@ -626,10 +626,10 @@ def _bytes_path(client: Any, pictures: list[bytes], pi: list, truth: np.ndarray,
 
 
 def _agreement(pi: list, images: list) -> tuple[int, int]:
-    """(pictures whose 28x28 agree within export.saved_model.PICTURE_PARITY_MAX_MEAN_DIFF
+    """(pictures whose 28x28 agree within export.verify.PICTURE_PARITY_MAX_MEAN_DIFF
     grey levels, or both refused; pictures identical byte for byte) between the Pi's
     preprocessing (`pi`) and serving_bytes' mnist_image (`images`; None: refused)."""
-    from export.saved_model import PICTURE_PARITY_MAX_MEAN_DIFF
+    from export.verify import PICTURE_PARITY_MAX_MEAN_DIFF
 
     same = identical = 0
     for mine, theirs in zip(pi, images):

@@ -393,7 +393,7 @@ class Servable:
         path = self.path / contract.WARMUP_FILE
         if not path.is_file():
             return 0
-        from export.saved_model import read_warmup
+        from export.warmup import read_warmup
 
         records = read_warmup(path)
         if len(records) > MAX_WARMUP_RECORDS:

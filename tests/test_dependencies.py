@@ -207,3 +207,11 @@ def test_mobile_imports_nothing_but_itself():
     closure = import_closure(modules_of("mobile"))
     outside = {name: by for name, by in closure.items() if name.split(".")[0] != "mobile"}
     assert not outside, f"mobile/ must import only mobile/ (module: imported by): {outside}"
+
+
+def test_the_local_server_imports_only_the_warm_up_module_of_the_exporter():
+    closure = import_closure(["serving.server", *LOCAL_SERVER])
+    exporter = {name: by for name, by in closure.items()
+                if name.split(".")[0] in ("export", "model") and name not in ("export", "export.warmup")}
+    assert not exporter, f"the local server imports the exporter or the trainer (module: imported by): {exporter}"
+    assert "export.warmup" in closure  # it reads the warm-up file as TF Serving does

@@ -99,7 +99,7 @@ def test_hot_swap_fails_no_request(copy_serving_base, fixture_mnist, tmp_path):
         _wait_for(lambda: _versions(server).get("1", ("",))[0] == "END", 60, "version 1 to be unloaded")
 
         # A broken version 3: reported with its error, version 2 keeps serving.
-        from export.saved_model import publish
+        from export.publish import publish
 
         def write_broken(tmp):
             tmp.mkdir()
