@@ -248,10 +248,10 @@ PICTURES ?=
 
 .PHONY: pi-bundle bench-mobile classify
 pi-bundle: setup ## Build artifacts/mnist-pi.tar.gz: Pi code, recommended model, labels, samples, requirements, README (PI_MODEL=)
-	$(PY) -m export.pi_bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
+	$(PY) -m pi.bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
 
 bench-mobile: setup setup-tflite-runtime ## Benchmark the Pi code here: accuracy per variant and on photos, CLI latency -> artifacts/bench/mobile.json (DATA_DIR=)
-	$(PY) -m export.bench_mobile $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m pi.bench_mobile $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 classify: setup ## Classify pictures with the Pi CLI: make classify PICTURES="a.jpg b.png" [ARGS="--json --benchmark 1000"]
 	$(PY) -m mobile.classify --model $(PI_MODEL) $(ARGS) $(PICTURES)
@@ -264,4 +264,4 @@ PI_DIGITS ?= 300
 .PHONY: pi-smoke
 pi-smoke: setup setup-tflite-runtime ## Run the Pi bundle under arm64 emulation (qemu) per runtime, compare with x86 (PI_TARGETS=, PI_DIGITS=)
 	$(MAKE) pi-bundle
-	$(PY) -m tests.arm64.smoke --targets $(PI_TARGETS) --digits $(PI_DIGITS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m pi.smoke --targets $(PI_TARGETS) --digits $(PI_DIGITS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)

@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import REPO, python_env
 
-PACKAGES = ("common", "model", "export", "serving", "mobile")
+PACKAGES = ("common", "model", "export", "serving", "mobile", "pi")
 HEAVY = ("tensorflow", "keras", "tensorflow_serving", "grpc", "ai_edge_litert", "tflite_runtime",
          "matplotlib", "tensorflow_datasets")
 
@@ -119,7 +119,7 @@ def test_mobile_imports_and_classifies_without_tensorflow_or_the_kit(exported, f
     digits = tmp_path / "digits.npy"
     np.save(digits, fixture_mnist.test.images[:50])
     mobile_modules = [m for m in all_modules() if m.split(".")[0] == "mobile"]
-    code = blocker(("tensorflow", "keras", "common", "model", "export", "serving", "tests")) + textwrap.dedent(f"""
+    code = blocker(("tensorflow", "keras", "common", "model", "export", "serving", "pi", "tests")) + textwrap.dedent(f"""
         import importlib, numpy as np
         for name in {mobile_modules!r}:
             importlib.import_module(name)
@@ -153,7 +153,7 @@ def test_rest_client_and_query_cli_work_without_tensorflow():
 @pytest.mark.parametrize("module", ["mobile.runtime", "mobile.preprocess", "mobile.classify"])
 def test_pi_code_runs_on_python_and_numpy_alone_at_import(module):
     """The Pi bundle's modules need only the standard library, numpy and Pillow to import."""
-    code = blocker(HEAVY + ("common", "model", "export", "serving", "requests", "aiohttp", "orjson")) + (
+    code = blocker(HEAVY + ("common", "model", "export", "serving", "pi", "requests", "aiohttp", "orjson")) + (
         f"import {module}\nprint('ok')\n"
     )
     proc = run_python(code)
@@ -186,7 +186,7 @@ def test_common_imports_nothing_of_the_kit():
     outside = {name: by for name, by in closure.items() if name.split(".")[0] != "common"}
     assert not outside, f"common/ must import nothing of the kit; found (module: imported by) {outside}"
     # And for real: common/ imports where the rest of the kit and numpy cannot.
-    code = blocker(("model", "export", "serving", "mobile", "tests", "numpy") + HEAVY) + textwrap.dedent(f"""
+    code = blocker(("model", "export", "serving", "mobile", "pi", "tests", "numpy") + HEAVY) + textwrap.dedent(f"""
         import importlib
         for name in {modules_of("common")!r}:
             importlib.import_module(name)
@@ -207,6 +207,21 @@ def test_mobile_imports_nothing_but_itself():
     closure = import_closure(modules_of("mobile"))
     outside = {name: by for name, by in closure.items() if name.split(".")[0] != "mobile"}
     assert not outside, f"mobile/ must import only mobile/ (module: imported by): {outside}"
+
+
+def test_pi_tooling_imports_neither_serving_nor_tests():
+    closure = import_closure(modules_of("pi"))
+    outside = {name: by for name, by in closure.items() if name.split(".")[0] in ("serving", "tests")}
+    assert not outside, f"pi/ must not import serving/ or tests/ (module: imported by): {outside}"
+    assert {"pi.bundle", "pi.bench_mobile", "pi.emulation", "pi.smoke"} <= set(closure)
+
+
+def test_no_package_below_pi_imports_it():
+    users = {}
+    for module in all_modules():
+        if module.split(".")[0] != "pi":
+            users.update({module: name for name in import_closure([module]) if name.split(".")[0] == "pi"})
+    assert not users, f"pi/ is a tool on top of the kit; these reach it (module: pi module): {users}"
 
 
 def test_the_local_server_imports_only_the_warm_up_module_of_the_exporter():
