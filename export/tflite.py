@@ -161,21 +161,9 @@ class LiteModel(Classifier):
         self.path = self.model_path
 
     def latency_us(self, image: np.ndarray, runs: int, warmup: int = 100) -> dict[str, float]:
-        """Single-image latency of the interpreter alone (set input, invoke, read output) in
-        microseconds; predict()'s argument checks, a few microseconds, are not counted."""
-        self._set_batch(1)
-        x = self._to_input(image[None])
-        index, out = self._input["index"], self._output["index"]
-        for _ in range(warmup):
-            self._interpreter.set_tensor(index, x)
-            self._interpreter.invoke()
-        seconds = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self._interpreter.set_tensor(index, x)
-            self._interpreter.invoke()
-            self._interpreter.get_tensor(out)
-            seconds.append(time.perf_counter() - start)
+        """Single-image latency of the interpreter alone, in microseconds
+        (Classifier.time_invocations): {"latency_us_p50", "latency_us_p99", "latency_us_mean"}."""
+        seconds = self.time_invocations(image, runs, warmup)
         return {f"latency_us_{k}": round(v, 2) for k, v in latency_stats(seconds, 1e6).items()}
 
     def describe(self) -> dict[str, Any]:
@@ -184,7 +172,7 @@ class LiteModel(Classifier):
             return {"dtype": np.dtype(d["dtype"]).name, "shape": [int(s) for s in d["shape_signature"]],
                     "scale": float(scale), "zero_point": int(zero_point)}
 
-        return {"input": tensor(self._input), "output": tensor(self._output)}
+        return {"input": tensor(self.input_details), "output": tensor(self.output_details)}
 
 
 # --------------------------------------------------------------------------------------------

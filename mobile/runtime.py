@@ -25,6 +25,7 @@ Python 3.10-3.13.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -354,6 +355,40 @@ class Classifier:
         self._interpreter.invoke()
         # get_tensor copies, so the result survives the next invoke.
         return self._from_output(self._interpreter.get_tensor(self._output["index"]))
+
+    @property
+    def input_details(self) -> dict[str, Any]:
+        """The interpreter's details of the input tensor (`name`, `index`, `shape`,
+        `shape_signature`, `dtype`, `quantization` (scale, zero_point)), as
+        Interpreter.get_input_details() gives them."""
+        return dict(self._input)
+
+    @property
+    def output_details(self) -> dict[str, Any]:
+        """The interpreter's details of the output tensor (keys as input_details)."""
+        return dict(self._output)
+
+    def time_invocations(self, image: np.ndarray, runs: int, warmup: int = 100) -> list[float]:
+        """Seconds of each of `runs` single-image inferences by the interpreter alone (set the
+        input, invoke, read the output), after `warmup` untimed ones. `image`: uint8 [H, W].
+
+        predict()'s argument checks and conversions (a few microseconds) are not counted, so
+        this is the number to compare between model variants and runtimes.
+        """
+        self._set_batch(1)
+        x = self._to_input(np.asarray(image)[None])
+        index, out = self._input["index"], self._output["index"]
+        for _ in range(warmup):
+            self._interpreter.set_tensor(index, x)
+            self._interpreter.invoke()
+        seconds = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self._interpreter.set_tensor(index, x)
+            self._interpreter.invoke()
+            self._interpreter.get_tensor(out)
+            seconds.append(time.perf_counter() - start)
+        return seconds
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of a batch.
