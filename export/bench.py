@@ -2,7 +2,7 @@
 
 Exports the run (default: the latest) into a scratch base under artifacts/bench/export/ (the
 published artifacts/serving and artifacts/mobile are not touched), times each stage, and
-checks the issue's targets against what the TFLite report measured:
+checks the kit's targets against what the TFLite report measured:
 
 - int8 file <= 1 MB; int8 accuracy within 0.1 points of the Keras model; int8 single-image
   latency (one thread) well under 50 us;

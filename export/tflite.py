@@ -57,10 +57,9 @@ def _static_flatten_chain(model):
 
     Keras' Flatten computes its target shape from tf.shape(x) at run time (SHAPE,
     STRIDED_SLICE, PACK ops in the TFLite file). Such dynamic shapes make tflite-runtime
-    2.14 re-prepare every later op on each invoke and keep XNNPACK from taking the graph:
-    measured here, float32 151 -> 83 us and dynamic-range 277 -> 120 us per image with the
-    constant shape. Only for a single-input chain of layers (our MLP); anything else is
-    called as it is.
+    2.14 re-prepare every later op on each invoke and keep XNNPACK from taking the graph, which
+    roughly doubles the per-image latency of the float32 and dynamic-range files. Only for a
+    single-input chain of layers (our MLP); anything else is called as it is.
     """
     import keras
     import tensorflow as tf

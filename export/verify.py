@@ -177,11 +177,11 @@ def verify_with_cli(saved_model_dir: Path) -> dict[str, Any]:
     expectations = [
         f"signature_def['{contract.SIGNATURE_PIXELS}']",
         f"signature_def['{contract.SIGNATURE_BYTES}']",
-        f"inputs['{contract.INPUT_PIXELS}'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)",
+        f"inputs['{contract.INPUT_PIXELS}'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, {contract.IMAGE_HEIGHT}, {contract.IMAGE_WIDTH})",
         f"inputs['{contract.INPUT_BYTES}'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)",
         f"outputs['{contract.OUTPUT_PROBABILITIES}'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 10)",
         f"outputs['{contract.OUTPUT_DIGIT}'] tensor_info:\n        dtype: DT_INT64\n        shape: (-1)",
-        f"outputs['{contract.OUTPUT_MNIST_IMAGE}'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 28, 28)",
+        f"outputs['{contract.OUTPUT_MNIST_IMAGE}'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, {contract.IMAGE_HEIGHT}, {contract.IMAGE_WIDTH})",
     ]
     missing = [e for e in expectations if e not in shown]
     if missing:

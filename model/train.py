@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from common import configlib, contract
-from model import cluster
 from common.configlib import ConfigError, field
+from model import cluster
 
 EXIT_INTERRUPTED = 130  # like a shell's exit status after Ctrl-C
 
@@ -209,11 +209,9 @@ def find_resumable_run(config: TrainConfig) -> Path | None:
     if config.run_name is not None and run_dir.name != config.run_name:
         return None
     try:
-        saved = json.loads((run_dir / contract.RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         saved_config = configlib.load_config(TrainConfig, run_dir / contract.RUN_CONFIG_FILE)
     except (OSError, ValueError, TypeError):
         return None
-    del saved
     return run_dir if saved_config.identity() == config.identity() else None
 
 
@@ -298,7 +296,7 @@ def _callbacks_module():
 
         Replaces keras.callbacks.BackupAndRestore, which writes the weights in place (a kill
         during the write corrupts them, hence its `double_checkpoint` copies), misses the RNG
-        states, and makes the epoch wait for h5py (0.1-0.5 s a save, measured here). Here the
+        states, and makes the epoch wait for h5py's save of the whole model. Here the
         epoch only copies the values (~10 MB of numpy arrays); a thread writes them to a new
         file, syncs it, then commits by atomically replacing `state.json`, which names it. A
         kill at any point leaves the previous commit intact. A write error (an OSError naming

@@ -352,7 +352,7 @@ def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets against the measured cells (None when a cell was not run)."""
+    """The kit's serving targets against the measured cells (None when a cell was not run)."""
     def cell(protocol: str, batch: int, concurrency: int) -> dict[str, Any] | None:
         return next((r for r in results if (r["protocol"], r["batch"], r["concurrency"]) == (protocol, batch, concurrency)), None)
 

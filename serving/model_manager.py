@@ -747,6 +747,3 @@ class ModelManager:
         """Is `name` a model of the configuration (served now or not)?"""
         return name in self._models
 
-    def model_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)
