@@ -24,7 +24,7 @@ import shutil
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 C = TypeVar("C")
 
@@ -193,19 +193,34 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     `path` as its filename (see write_failure).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def write(fh: IO[str]) -> None:
+        json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
     with naming_file(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, write)
+
+
+def write_file_atomic(path: Path, write: Callable[[IO], None], binary: bool = False,
+                      tmp: Path | None = None) -> None:
+    """Write `path` whole or not at all: `write(fh)` fills a temporary file beside it (text,
+    UTF-8, or `binary`), which is flushed, synced to disk and renamed over `path`.
+
+    Any failure removes the temporary file (default `.<name>.tmp-<pid>`), leaves `path` as it
+    was and re-raises; wrap the call in naming_file(path) so that an OSError names the file.
+    """
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------

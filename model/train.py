@@ -415,17 +415,11 @@ def _write_synced(path: Path, arrays: Sequence[Any]) -> None:
     """Save arrays as .npz (keys v0, v1, ...) beside `path`, sync it to disk, rename it into place."""
     import numpy as np
 
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
     with configlib.naming_file(path):  # a failed write() names no file by itself
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **{f"v{i}": a for i, a in enumerate(arrays)})
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        configlib.write_file_atomic(
+            path, lambda fh: np.savez(fh, **{f"v{i}": a for i, a in enumerate(arrays)}),
+            binary=True, tmp=path.with_name(f".{path.stem}.tmp.npz"),
+        )
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
