@@ -50,7 +50,7 @@ class MultiworkerBenchConfig:
 
 
 def _free_ports(count: int) -> list[int]:
-    from serving.process import free_port
+    from common.net import free_port
 
     ports: set[int] = set()
     while len(ports) < count:

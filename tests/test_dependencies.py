@@ -230,3 +230,20 @@ def test_the_local_server_imports_only_the_warm_up_module_of_the_exporter():
                 if name.split(".")[0] in ("export", "model") and name not in ("export", "export.warmup")}
     assert not exporter, f"the local server imports the exporter or the trainer (module: imported by): {exporter}"
     assert "export.warmup" in closure  # it reads the warm-up file as TF Serving does
+
+
+# Bottom to top: a package may import only those before it (README's Layout section).
+LAYERS = ("common", "mobile", "model", "export", "serving", "pi")
+ALLOWED = {"common": (), "mobile": (), "model": ("common",), "export": ("common", "mobile", "model"),
+           "serving": ("common", "mobile", "model", "export"), "pi": ("common", "mobile", "model", "export")}
+
+
+def test_no_import_runs_back_up_the_layers():
+    assert set(LAYERS) == set(PACKAGES) == set(ALLOWED)
+    wrong = {}
+    for module in all_modules():
+        package = module.split(".")[0]
+        for name in kit_imports(module):
+            if name.split(".")[0] not in (package, *ALLOWED[package]):
+                wrong.setdefault(module, []).append(name)
+    assert not wrong, f"imports against the layering {LAYERS} (module: what it imports): {wrong}"
