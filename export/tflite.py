@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mobile.runtime import Classifier, latency_stats
 from common import configlib, contract
+from mobile.runtime import Classifier, latency_stats
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 RECOMMENDED_FILE = contract.MOBILE_MODEL_FILE

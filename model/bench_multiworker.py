@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import configlib, contract
-from model import cluster
 from common.configlib import ConfigError, field
+from model import cluster
 
 
 @dataclass(frozen=True)

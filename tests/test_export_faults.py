@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from common import configlib, contract
 from export import pipeline, tflite
 from export import saved_model as sm
-from common import configlib, contract
 
 ENOSPC_TEXT = "No space left on device (ENOSPC)"
 

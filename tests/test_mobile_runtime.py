@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import contract
 import mobile
 from export import photos as synth
 from mobile import preprocess
@@ -26,7 +27,6 @@ from mobile.runtime import (
     load_labels,
     load_runtime,
 )
-from common import contract
 from model import idx
 
 REPO = Path(__file__).resolve().parents[1]
