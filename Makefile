@@ -149,7 +149,7 @@ distclean: clean ## Remove artifacts/, the virtual environments and fetched tool
 	rm -rf $(VENV) $(VENV_TFLITE_RUNTIME) $(VENV_TORCH) .tools
 
 # ---------------------------------------------------------------------------------------------
-# Export (issue 3)
+# Export
 # ---------------------------------------------------------------------------------------------
 .PHONY: export
 export: setup setup-tflite-runtime ## Export a run again: next SavedModel version + TFLite files (RUN=<run folder>, EXPORT_ARGS=)
@@ -160,7 +160,7 @@ bench-export: setup setup-tflite-runtime ## Time a full export of RUN into a scr
 	$(PY) -m export.bench --run $(RUN)
 
 # ---------------------------------------------------------------------------------------------
-# Serve (issue 4)
+# Serve
 # ---------------------------------------------------------------------------------------------
 # TF Serving in Docker (serving/compose.yaml) or, where no Docker engine answers, the local
 # stand-in (python -m serving.server) with the same models.config, batching and metrics.
@@ -212,7 +212,7 @@ bench-serve: setup ## Benchmark the local server (REST/gRPC, batch 1/64, 1/8/32 
 	$(PY) -m serving.bench --model-base $(MODEL_BASE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 # ---------------------------------------------------------------------------------------------
-# The web page (issue 14)
+# The web page
 # ---------------------------------------------------------------------------------------------
 # make demo: the model server as make serve starts it, with CORS on, plus the page in
 # serving/web/ on 127.0.0.1:DEMO_PORT. DEMO_BACKEND=auto|docker|local|none (none: only the
@@ -237,7 +237,7 @@ setup-browser: ## Debian's Chromium for the browser tests (.ci/install-browser, 
 	else sudo .ci/install-browser; fi
 
 # ---------------------------------------------------------------------------------------------
-# Raspberry Pi (issue 5)
+# Raspberry Pi
 # ---------------------------------------------------------------------------------------------
 # pi-bundle / classify use PI_MODEL (default: the export's recommended model); the bundle's own
 # flags go in PI_BUNDLE_ARGS (ARGS belongs to whichever target runs it, e.g. pi-smoke).
@@ -248,10 +248,10 @@ PICTURES ?=
 
 .PHONY: pi-bundle bench-mobile classify
 pi-bundle: setup ## Build artifacts/mnist-pi.tar.gz: Pi code, recommended model, labels, samples, requirements, README (PI_MODEL=)
-	$(PY) -m export.pi_bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
+	$(PY) -m pi.bundle --model $(PI_MODEL) --out $(PI_BUNDLE) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(PI_BUNDLE_ARGS)
 
 bench-mobile: setup setup-tflite-runtime ## Benchmark the Pi code here: accuracy per variant and on photos, CLI latency -> artifacts/bench/mobile.json (DATA_DIR=)
-	$(PY) -m export.bench_mobile $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m pi.bench_mobile $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 classify: setup ## Classify pictures with the Pi CLI: make classify PICTURES="a.jpg b.png" [ARGS="--json --benchmark 1000"]
 	$(PY) -m mobile.classify --model $(PI_MODEL) $(ARGS) $(PICTURES)
@@ -264,4 +264,4 @@ PI_DIGITS ?= 300
 .PHONY: pi-smoke
 pi-smoke: setup setup-tflite-runtime ## Run the Pi bundle under arm64 emulation (qemu) per runtime, compare with x86 (PI_TARGETS=, PI_DIGITS=)
 	$(MAKE) pi-bundle
-	$(PY) -m tests.arm64.smoke --targets $(PI_TARGETS) --digits $(PI_DIGITS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
+	$(PY) -m pi.smoke --targets $(PI_TARGETS) --digits $(PI_DIGITS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)

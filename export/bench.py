@@ -2,7 +2,7 @@
 
 Exports the run (default: the latest) into a scratch base under artifacts/bench/export/ (the
 published artifacts/serving and artifacts/mobile are not touched), times each stage, and
-checks the issue's targets against what the TFLite report measured:
+checks the kit's targets against what the TFLite report measured:
 
 - int8 file <= 1 MB; int8 accuracy within 0.1 points of the Keras model; int8 single-image
   latency (one thread) well under 50 us;
@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import configlib
-from model.configlib import field
+from common import configlib
+from common.configlib import field
 
 TARGETS = {"int8_max_bytes": 1_000_000, "int8_max_accuracy_drop": 0.001, "int8_max_p50_us": 50.0,
            "export_max_seconds": 120.0}

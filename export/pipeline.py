@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 
 # Exit statuses of `python -m export` (README, "Export"): 0 everything was published; 1 the
 # export failed and nothing new was published (a bad run, bad data, a full disk: the one

@@ -33,9 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mobile.classify import percentiles_us
-from mobile.runtime import Classifier
-from model import configlib, contract
+from common import configlib, contract
+from mobile.runtime import Classifier, latency_stats
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 RECOMMENDED_FILE = contract.MOBILE_MODEL_FILE
@@ -58,10 +57,9 @@ def _static_flatten_chain(model):
 
     Keras' Flatten computes its target shape from tf.shape(x) at run time (SHAPE,
     STRIDED_SLICE, PACK ops in the TFLite file). Such dynamic shapes make tflite-runtime
-    2.14 re-prepare every later op on each invoke and keep XNNPACK from taking the graph:
-    measured here, float32 151 -> 83 us and dynamic-range 277 -> 120 us per image with the
-    constant shape. Only for a single-input chain of layers (our MLP); anything else is
-    called as it is.
+    2.14 re-prepare every later op on each invoke and keep XNNPACK from taking the graph, which
+    roughly doubles the per-image latency of the float32 and dynamic-range files. Only for a
+    single-input chain of layers (our MLP); anything else is called as it is.
     """
     import keras
     import tensorflow as tf
@@ -93,21 +91,14 @@ def write_conversion_saved_model(model, directory: Path) -> Path:
     export's second output (`digit`, an int64 ArgMax) is left out: the device takes argmax.
     The flatten becomes a constant-shape reshape (see _static_flatten_chain).
     """
-    import keras
-    import tensorflow as tf
+    from export.serving_graph import pixels_archive
 
     forward = _static_flatten_chain(model)
 
     def serve(image):
         return {contract.OUTPUT_PROBABILITIES: forward(image)}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name=contract.SIGNATURE_PIXELS,
-        fn=serve,
-        input_signature=[tf.TensorSpec([None, *contract.IMAGE_SHAPE], tf.uint8, name=contract.INPUT_PIXELS)],
-    )
+    archive = pixels_archive(model, serve)
     archive.write_out(str(directory), verbose=False)
     return directory
 
@@ -169,22 +160,10 @@ class LiteModel(Classifier):
         self.path = self.model_path
 
     def latency_us(self, image: np.ndarray, runs: int, warmup: int = 100) -> dict[str, float]:
-        """Single-image latency of the interpreter alone (set input, invoke, read output) in
-        microseconds; predict()'s argument checks, a few microseconds, are not counted."""
-        self._set_batch(1)
-        x = self._to_input(image[None])
-        index, out = self._input["index"], self._output["index"]
-        for _ in range(warmup):
-            self._interpreter.set_tensor(index, x)
-            self._interpreter.invoke()
-        seconds = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self._interpreter.set_tensor(index, x)
-            self._interpreter.invoke()
-            self._interpreter.get_tensor(out)
-            seconds.append(time.perf_counter() - start)
-        return {f"latency_us_{k}": round(v, 2) for k, v in percentiles_us(seconds).items()}
+        """Single-image latency of the interpreter alone, in microseconds
+        (Classifier.time_invocations): {"latency_us_p50", "latency_us_p99", "latency_us_mean"}."""
+        seconds = self.time_invocations(image, runs, warmup)
+        return {f"latency_us_{k}": round(v, 2) for k, v in latency_stats(seconds, 1e6).items()}
 
     def describe(self) -> dict[str, Any]:
         def tensor(d):
@@ -192,7 +171,7 @@ class LiteModel(Classifier):
             return {"dtype": np.dtype(d["dtype"]).name, "shape": [int(s) for s in d["shape_signature"]],
                     "scale": float(scale), "zero_point": int(zero_point)}
 
-        return {"input": tensor(self._input), "output": tensor(self._output)}
+        return {"input": tensor(self.input_details), "output": tensor(self.output_details)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +436,7 @@ def export_tflite(
     return TFLiteResult(out_dir, report)
 
 
-TMP_INFIX = ".tmp-"  # `.<build>.tmp-<pid>`: a build being written
+TMP_INFIX = configlib.TMP_INFIX  # `.<build>.tmp-<pid>`: a build being written
 CONVERSION_DIR = ".conversion-saved-model"  # inside it, removed before the rename
 
 
@@ -481,24 +460,5 @@ def _package_version(dist: str) -> str | None:
 
 
 def point_link_at(link: Path, target: Path) -> None:
-    """Atomically make `link` a relative symlink to `target` (e.g. artifacts/mobile).
-
-    Raises TFLiteError when `link` is a real file or folder, or when the link cannot be
-    written (the message names the file and the cause; `link` is left as it was).
-    """
-    link = Path(link)
-    if link.exists() and not link.is_symlink():
-        raise TFLiteError(f"{link} exists and is not a symlink; move it away first")
-    configlib.remove_leftovers(link.parent, re.escape(f".{link.name}{TMP_INFIX}") + r"(?P<pid>\d+)")
-    tmp = link.with_name(f".{link.name}{TMP_INFIX}{os.getpid()}")
-    try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        with configlib.naming_file(tmp):
-            os.symlink(os.path.relpath(target, link.parent), tmp)
-        with configlib.naming_file(link):
-            os.replace(tmp, link)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        before = f"still points at {os.readlink(link)}" if link.is_symlink() else "was not made"
-        raise TFLiteError(f"cannot point {link} at {target}: {configlib.write_failure(err)}; {link} {before}") from err
+    """configlib.point_link_at, failing with TFLiteError."""
+    configlib.point_link_at(link, target, error=TFLiteError)

@@ -10,9 +10,10 @@ TensorFlow and never the rest of the kit (tests/test_dependencies.py checks both
 - `classify`   the command line: `python3 -m mobile.classify --model mnist.tflite a.jpg`.
 - `camera`     one frame from the Pi camera through picamera2, when installed.
 
-The development-machine side of the Pi lives in export/: `export/pi_bundle.py` builds the
-archive, `export/photos.py` makes synthetic photos of digits, `export/bench_mobile.py`
-measures this package (`make bench-mobile`).
+The development-machine side of the Pi lives in pi/: `pi/bundle.py` builds the archive,
+`pi/bench_mobile.py` measures this package (`make bench-mobile`), `pi/smoke.py` runs the
+bundle on emulated arm64 Raspberry Pi OS (`make pi-smoke`); `export/photos.py` makes the
+synthetic photos of digits they and the export's checks use.
 
 Importing this package imports nothing.
 """

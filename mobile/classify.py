@@ -44,7 +44,7 @@ import numpy as np
 
 from mobile import preprocess as pre
 from mobile.camera import CameraUnavailable
-from mobile.runtime import RUNTIME_CHOICES, Classifier, ModelError, RuntimeNotAvailable
+from mobile.runtime import RUNTIME_CHOICES, Classifier, ModelError, RuntimeNotAvailable, latency_stats
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 CAMERA_NAME = "camera"  # the "file" of a camera capture in the results
@@ -191,12 +191,7 @@ def load_pictures(
 
 def percentiles_us(seconds: Sequence[float]) -> dict[str, float]:
     """p50/p99/mean in microseconds of a list of durations in seconds."""
-    micros = np.asarray(seconds, dtype=np.float64) * 1e6
-    return {
-        "p50": float(np.percentile(micros, 50)),
-        "p99": float(np.percentile(micros, 99)),
-        "mean": float(micros.mean()),
-    }
+    return latency_stats(seconds, 1e6)
 
 
 def benchmark(classifier: Classifier, image: np.ndarray, runs: int) -> dict[str, float]:

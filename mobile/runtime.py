@@ -25,6 +25,7 @@ Python 3.10-3.13.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,7 +87,7 @@ class Quantization:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class Classification:
     """One picture's result: the top class, its probability and the `top` best classes."""
 
     digit: int
@@ -355,6 +356,40 @@ class Classifier:
         # get_tensor copies, so the result survives the next invoke.
         return self._from_output(self._interpreter.get_tensor(self._output["index"]))
 
+    @property
+    def input_details(self) -> dict[str, Any]:
+        """The interpreter's details of the input tensor (`name`, `index`, `shape`,
+        `shape_signature`, `dtype`, `quantization` (scale, zero_point)), as
+        Interpreter.get_input_details() gives them."""
+        return dict(self._input)
+
+    @property
+    def output_details(self) -> dict[str, Any]:
+        """The interpreter's details of the output tensor (keys as input_details)."""
+        return dict(self._output)
+
+    def time_invocations(self, image: np.ndarray, runs: int, warmup: int = 100) -> list[float]:
+        """Seconds of each of `runs` single-image inferences by the interpreter alone (set the
+        input, invoke, read the output), after `warmup` untimed ones. `image`: uint8 [H, W].
+
+        predict()'s argument checks and conversions (a few microseconds) are not counted, so
+        this is the number to compare between model variants and runtimes.
+        """
+        self._set_batch(1)
+        x = self._to_input(np.asarray(image)[None])
+        index, out = self._input["index"], self._output["index"]
+        for _ in range(warmup):
+            self._interpreter.set_tensor(index, x)
+            self._interpreter.invoke()
+        seconds = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self._interpreter.set_tensor(index, x)
+            self._interpreter.invoke()
+            self._interpreter.get_tensor(out)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of a batch.
 
@@ -378,17 +413,32 @@ class Classifier:
         probabilities = np.concatenate(chunks)
         return probabilities[0] if single else probabilities
 
-    def classify(self, images: np.ndarray, top: int = 3) -> list[Prediction]:
+    def classify(self, images: np.ndarray, top: int = 3) -> list[Classification]:
         """Predictions for a batch uint8 [N, H, W]: top class and the `top` best, best first."""
         if top < 1:
             raise ValueError(f"top must be >= 1, got {top}")
         probabilities = self.predict(np.asarray(images).reshape(-1, *self.input_size))
         return [self.prediction(p, top) for p in probabilities]
 
-    def prediction(self, probabilities: np.ndarray, top: int = 3) -> Prediction:
-        """A Prediction from one row of probabilities [classes]."""
+    def prediction(self, probabilities: np.ndarray, top: int = 3) -> Classification:
+        """A Classification from one row of probabilities [classes]."""
         # Stable sort: ties keep class order, so results are reproducible across runtimes.
         order = np.argsort(-probabilities, kind="stable")[: min(top, self.num_classes)]
         best = [(int(i), self.labels[int(i)], float(probabilities[int(i)])) for i in order]
         digit, label, probability = best[0]
-        return Prediction(digit, label, probability, tuple(best))
+        return Classification(digit, label, probability, tuple(best))
+
+
+def latency_stats(seconds: Sequence[float], per_second: float) -> dict[str, float]:
+    """{"p50", "p99", "mean"} of durations given in seconds, in units of 1/`per_second` s
+    (1e6: microseconds, 1e3: milliseconds). Percentiles as numpy's default (linear).
+
+    The one latency summary of the kit: the Pi CLI, the TFLite export, the serving benchmark
+    and the query CLI all report these. `seconds` must not be empty.
+    """
+    scaled = np.asarray(seconds, dtype=np.float64) * per_second
+    return {
+        "p50": float(np.percentile(scaled, 50)),
+        "p99": float(np.percentile(scaled, 99)),
+        "mean": float(scaled.mean()),
+    }

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from model import configlib
-from model.configlib import ConfigError, field
+from common import configlib
+from common.configlib import ConfigError, field
 
 TARGET_ACCURACY = 0.993
 TARGET_TRAIN_SECONDS = 300.0

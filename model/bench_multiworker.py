@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import cluster, configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
+from model import cluster
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class MultiworkerBenchConfig:
 
 
 def _free_ports(count: int) -> list[int]:
-    from serving.process import free_port
+    from common.net import free_port
 
     ports: set[int] = set()
     while len(ports) < count:

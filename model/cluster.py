@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from model import configlib
+from common import configlib
 
 EXIT_CLUSTER = 2  # a usage error, like a bad flag: the cluster settings must change
 

@@ -76,7 +76,6 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     correct = probabilities.argmax(axis=1) == labels
     # Bin b holds confidences in (b / bins, (b + 1) / bins]; confidence 0 joins bin 0.
     which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
     gap = np.bincount(which, weights=correct - confidence, minlength=bins)  # sum of (acc - conf)
     return float(np.abs(gap).sum() / len(labels))
 

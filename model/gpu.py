@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.versions import version_tuple
+
 EXIT_NO_GPU = 3  # distinct from 1 (failure) and 2 (usage): scripts can tell "no GPU" apart
 MIXED_PRECISION_MIN_CC = (7, 0)
 
@@ -137,7 +139,11 @@ def query_nvidia_smi() -> dict[str, Any] | None:
 
 
 def _version_tuple(text: str | None) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text or ""))
+    """common.versions.version_tuple, or () for a version that is unknown or unreadable."""
+    try:
+        return version_tuple(text or "")
+    except ValueError:
+        return ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,7 +631,7 @@ class GpuCheckConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model import configlib
+    from common import configlib
 
     config = configlib.parse_config(GpuCheckConfig, argv, prog="python -m model.gpu")
     try:

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common import contract
+
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
-ROWS = COLS = 28
+ROWS, COLS = contract.IMAGE_HEIGHT, contract.IMAGE_WIDTH
 NUM_CLASSES = 10
 
 # The four standard files, by split. Each may also carry a ".gz" suffix.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-from model import contract
+from common import contract
 
 TEMPERATURE_LAYER = "temperature"
 
@@ -35,9 +35,9 @@ def philox_dropout_class():
     """keras.layers.Dropout whose masks come from TF's Philox generator, named explicitly.
 
     Keras' Dropout leaves the algorithm to TF ("auto_select"). Inside an XLA-compiled step on
-    the CPU that selects ThreeFry, whose expansion is slow scalar code: measured here, a
-    [128, 800] mask took ~20-80 ms instead of ~1 ms, and the training step with XLA was 4-10x
-    slower than without it. With Philox, XLA's step is faster than the uncompiled one.
+    the CPU that selects ThreeFry, whose expansion is slow scalar code: a [128, 800] mask
+    costs tens of times what Philox's does, enough to make the XLA-compiled training step
+    slower than the uncompiled one. With Philox, XLA's step is the faster.
     Masks still come from the layer's own SeedGenerator, so the run stays reproducible.
     """
     import keras

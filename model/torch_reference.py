@@ -32,6 +32,8 @@ import json
 import sys
 import time
 
+from common import contract
+
 
 def build_reference_mlp(hidden_units=(800, 256), dropout: float = 0.2, num_classes: int = 10):
     """torch.nn.Sequential taking float [B, 784] in [0, 1], returning logits [B, 10]."""
@@ -39,7 +41,7 @@ def build_reference_mlp(hidden_units=(800, 256), dropout: float = 0.2, num_class
     from torch import nn
 
     layers: list = []
-    width = 28 * 28
+    width = contract.IMAGE_HEIGHT * contract.IMAGE_WIDTH
     for units in hidden_units:
         linear = nn.Linear(width, units, bias=False)  # BatchNorm's beta is the bias
         nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
-from model import cluster, configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
+from model import cluster
 
 EXIT_INTERRUPTED = 130  # like a shell's exit status after Ctrl-C
 
@@ -208,22 +209,15 @@ def find_resumable_run(config: TrainConfig) -> Path | None:
     if config.run_name is not None and run_dir.name != config.run_name:
         return None
     try:
-        saved = json.loads((run_dir / contract.RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         saved_config = configlib.load_config(TrainConfig, run_dir / contract.RUN_CONFIG_FILE)
     except (OSError, ValueError, TypeError):
         return None
-    del saved
     return run_dir if saved_config.identity() == config.identity() else None
 
 
 def point_latest_at(run_dir: Path) -> None:
-    """Atomically make `<out>/latest` a relative symlink to `run_dir`."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(run_dir.name, tmp)
-    os.replace(tmp, link)
+    """Atomically make `<out>/latest` a relative symlink to `run_dir` (ConfigError if it cannot)."""
+    configlib.point_link_at(run_dir.parent / "latest", run_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +296,7 @@ def _callbacks_module():
 
         Replaces keras.callbacks.BackupAndRestore, which writes the weights in place (a kill
         during the write corrupts them, hence its `double_checkpoint` copies), misses the RNG
-        states, and makes the epoch wait for h5py (0.1-0.5 s a save, measured here). Here the
+        states, and makes the epoch wait for h5py's save of the whole model. Here the
         epoch only copies the values (~10 MB of numpy arrays); a thread writes them to a new
         file, syncs it, then commits by atomically replacing `state.json`, which names it. A
         kill at any point leaves the previous commit intact. A write error (an OSError naming
@@ -421,17 +415,11 @@ def _write_synced(path: Path, arrays: Sequence[Any]) -> None:
     """Save arrays as .npz (keys v0, v1, ...) beside `path`, sync it to disk, rename it into place."""
     import numpy as np
 
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
     with configlib.naming_file(path):  # a failed write() names no file by itself
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **{f"v{i}": a for i, a in enumerate(arrays)})
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        configlib.write_file_atomic(
+            path, lambda fh: np.savez(fh, **{f"v{i}": a for i, a in enumerate(arrays)}),
+            binary=True, tmp=path.with_name(f".{path.stem}.tmp.npz"),
+        )
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -758,12 +746,51 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     untouched (the backup stays so that the next run resumes). Under several workers, only
     the chief's result has metrics (the others' is empty).
     """
+    spec, threads, gpu_report = _prepare_devices(config, log)
+
+    import keras
+
+    # The strategy before the data: a worker that cannot join fails in seconds, and collective
+    # ops are best configured before other TF ops run.
+    strategy, workers = _start_workers(config, spec, log)
+    keras.utils.set_random_seed(config.seed)  # Python, numpy and TF seeds
+    dataset, train_split, val_split = _load_data(config, workers, log)
+    run = _open_run(config, strategy, workers, gpu_report, len(train_split), log)
+    model, train_ds, val_ds = _build_model(config, run, strategy, workers, train_split, val_split)
+    log(f"Run folder: {run.run_dir}")
+    log(
+        f"Training {model.count_params():,} parameters, batch {config.batch_size} over {run.replicas} "
+        f"replica(s) on {workers.count} worker(s), {run.plan.steps_per_epoch} steps per epoch "
+        f"({run.plan.steps_per_execution} per call), XLA {'on' if run.use_xla else 'off'}, "
+        f"{threads['intra_op']} threads, up to {config.epochs} epochs"
+    )
+    callbacks = make_callbacks(config, run.run_dir, extra_callbacks, writer=workers.is_chief)
+    _fit(config, model, train_ds, val_ds, callbacks, run, workers)
+    if not workers.is_chief:
+        # The chief evaluates and writes the run folder; wait for it, so that the cluster ends
+        # together (a worker leaving early shows on the chief as a failed peer).
+        from model import distributed
+
+        workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
+        return RunResult(run_dir=run.run_dir, metrics={})
+    best_epoch = int(next(c for c in callbacks if hasattr(c, "get_state")).best_epoch)  # early stopping's
+    model, outcome = _evaluate(config, model, dataset, val_split)
+    metrics = _run_metrics(config, run, workers, threads, gpu_report, dataset, train_split, val_split,
+                           model, outcome, best_epoch)
+    _write_run(run, workers, model, dataset, outcome, metrics, best_epoch)
+    return RunResult(run_dir=run.run_dir, metrics=metrics)
+
+
+def _prepare_devices(config: TrainConfig, log) -> tuple[cluster.ClusterSpec | None, dict[str, Any], Any]:
+    """The cluster spec (TF_CONFIG), thread pools and the GPU check, before TF runs an op.
+
+    TF_CONFIG is checked before anything starts: a mistake in it fails in a second. Thread
+    pools and the GPU check run first: both must be set before TF runs an op, and with
+    --require-gpu we stop before reading any data. Returns (spec or None, threads, gpu report).
+    """
     from model import gpu
 
-    # TF_CONFIG is checked before anything starts: a mistake in it fails in a second.
     spec = cluster.from_environment() if config.strategy == "multiworker" else None
-    # Thread pools and the GPU check run first: both must be set before TF runs an op, and
-    # with --require-gpu we stop before reading any data.
     _split_cpu(config.cpu_devices)
     threads = configure_threads(config.threads)
     gpu_report = gpu.check_gpu(
@@ -772,18 +799,13 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     log(gpu_report.summary())
     if not gpu_report.gpu_usable:
         gpu.warn_cpu_fallback(gpu_report)
+    return spec, threads, gpu_report
 
-    import keras
-    import numpy as np
-    import tensorflow as tf
 
-    from model import data, distributed, evaluate
-
-    # The strategy before the data: a worker that cannot join fails in seconds, and collective
-    # ops are best configured before other TF ops run.
-    strategy, workers = _start_workers(config, spec, log)
-    chief = workers.is_chief
-    keras.utils.set_random_seed(config.seed)  # Python, numpy and TF seeds
+def _load_data(config: TrainConfig, workers, log):
+    """MNIST (data.load_mnist) and its train/validation split; every worker checks that the
+    others loaded the same data. Returns (dataset, train split, validation split)."""
+    from model import data
 
     dataset = data.load_mnist(config.data_dir, config.tfds_dir)
     train_split, val_split = data.split_validation(dataset.train, config.validation_size)
@@ -797,7 +819,27 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
             "dataset in MNIST's format (Fashion-MNIST? KMNIST?) or modified files."
         )
     workers.agree("data", {"data": _data_fingerprint(dataset)})
+    return dataset, train_split, val_split
 
+
+@dataclass
+class _Run:
+    """What the steps of one training run share once its folder is open."""
+
+    run_dir: Path
+    resuming: bool
+    backup_dir: Path
+    history_path: Path
+    plan: Any  # plan_training's result
+    initial_epoch: int  # epochs already done (from the backup when resuming)
+    replicas: int
+    use_xla: bool
+
+
+def _open_run(config: TrainConfig, strategy, workers, gpu_report, num_train_images: int, log) -> _Run:
+    """The run folder (resume an interrupted run with the same settings, else a new one), the
+    step plan, and the epoch to start from. Only the chief writes there; the other workers
+    write nothing that outlives them."""
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {replicas} replicas")
@@ -805,10 +847,8 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     if config.strategy != "none" and use_xla and not gpu_report.gpu_usable:
         use_xla = False
 
-    # Run folder: resume an interrupted run with the same settings, else start a new one. Only
-    # the chief writes there; the other workers write nothing that outlives them.
     run_dir, resuming = _prepare_run_dir(config, workers)
-    if chief:
+    if workers.is_chief:
         configlib.write_json_atomic(run_dir / contract.RUN_GPU_REPORT_FILE, gpu_report.to_dict())
     backup_dir = run_dir / "backup"
     history_path = run_dir / "history.csv"
@@ -819,7 +859,7 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         # feed a value for placeholder tensor 'while/cond/Placeholder'"); one step per call works.
         log(f"Note: steps_per_execution {steps_per_execution} -> 1 under {replicas} replicas (Keras/TF bug)")
         steps_per_execution = 1
-    plan = plan_training(config, len(train_split), workers, steps_per_execution)
+    plan = plan_training(config, num_train_images, workers, steps_per_execution)
 
     # Every worker reads the backup: they must all start from the same epoch and weights.
     backup = read_backup_state(backup_dir)
@@ -827,27 +867,35 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
     workers.agree("resume", {"resume_after_epoch": initial_epoch})
     if resuming:
         log(f"Resuming {run_dir} after epoch {initial_epoch} (its backup was left by an interrupted run).")
-        if chief:
+        if workers.is_chief:
             write_history(history_path, backup["history"] if backup else [])
-    train_ds = make_training_input(config, train_split, plan, strategy, workers, first_epoch=initial_epoch)
+    return _Run(run_dir, resuming, backup_dir, history_path, plan, initial_epoch, replicas, use_xla)
+
+
+def _build_model(config: TrainConfig, run: _Run, strategy, workers, train_split, val_split):
+    """The input pipelines and the compiled model under the strategy: (model, train, val)."""
+    from model import data, distributed
+
+    train_ds = make_training_input(config, train_split, run.plan, strategy, workers, first_epoch=run.initial_epoch)
     val_ds = distributed.eval_input(strategy, data.make_eval_dataset(val_split, 1024))
     with strategy.scope():
-        model = build_compiled_model(config, plan.steps_per_epoch, use_xla, plan.steps_per_execution, replicas)
+        model = build_compiled_model(config, run.plan.steps_per_epoch, run.use_xla, run.plan.steps_per_execution,
+                                     run.replicas)
+    return model, train_ds, val_ds
 
-    log(f"Run folder: {run_dir}")
-    log(
-        f"Training {model.count_params():,} parameters, batch {config.batch_size} over {replicas} "
-        f"replica(s) on {workers.count} worker(s), {plan.steps_per_epoch} steps per epoch "
-        f"({plan.steps_per_execution} per call), XLA {'on' if use_xla else 'off'}, "
-        f"{threads['intra_op']} threads, up to {config.epochs} epochs"
-    )
-    callbacks = make_callbacks(config, run_dir, extra_callbacks, writer=chief)
-    early_stopping = next(c for c in callbacks if hasattr(c, "get_state"))
+
+def _fit(config: TrainConfig, model, train_ds, val_ds, callbacks, run: _Run, workers) -> None:
+    """model.fit from the run's initial epoch. Raises cluster.WorkerLostError when a peer dies
+    under several workers; the last finished epoch's backup is committed either way."""
+    import tensorflow as tf
+
+    from model import distributed
+
     backup_callback = next(c for c in callbacks if hasattr(c, "finish"))
     try:
         model.fit(
-            train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=plan.steps_per_epoch, callbacks=callbacks,
+            train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=run.initial_epoch,
+            steps_per_epoch=run.plan.steps_per_epoch, callbacks=callbacks,
             verbose=_progress_verbosity(config.verbose), shuffle=False,  # the pipeline shuffles
         )
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
@@ -858,29 +906,24 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         raise cluster.WorkerLostError(
             f"{workers.spec.task_name} lost the cluster during training: "
             f"{distributed.first_line(err)}. The backup of the last finished epoch is in "
-            f"{backup_dir}: start every worker again with the same command to resume from it."
+            f"{run.backup_dir}: start every worker again with the same command to resume from it."
         ) from None
     finally:
         backup_callback.finish()  # the last finished epoch's backup commits before we leave
-    if not chief:
-        # The chief evaluates and writes the run folder; wait for it, so that the cluster ends
-        # together (a worker leaving early shows on the chief as a failed peer).
-        workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
-        return RunResult(run_dir=run_dir, metrics={})
 
-    history = evaluate.read_history(history_path)
-    train_seconds = sum(row.get("epoch_seconds", 0.0) for row in history)
-    epochs_run = len(history)
-    best_epoch = int(early_stopping.best_epoch)
+
+def _evaluate(config: TrainConfig, trained, dataset, val_split) -> tuple[Any, dict[str, Any]]:
+    """Calibrate on the validation split, then evaluate the model as shipped on the test set
+    (the only place the test set is read; the chief alone). Returns (shipped model, outcome)."""
+    from model import evaluate
 
     # Calibration on the validation split; the model that is saved carries the temperature.
     # Both run on this process's copy of the model, outside the strategy (under several
     # workers Keras' predict would shard the inputs over them all).
-    model = inference_model(config, model)
+    model = inference_model(config, trained)
     calibration = calibrate(config, model, val_split)
     model = inference_model(config, model, calibration["temperature"])
 
-    # Final evaluation: the only place the test set is read (on the chief alone).
     test_probs = model.predict(dataset.test.images, batch_size=1024, verbose=0)  # as shipped
     test = evaluate.classification_metrics(dataset.test.labels, test_probs)
     test_logits = logits_model(model).predict(dataset.test.images, batch_size=1024, verbose=0)
@@ -892,8 +935,23 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
             dataset.test.labels, softmax(test_logits / calibration["fitted_temperature"])
         ),
     }
+    return model, {"calibration": calibration, "test": test, "test_probs": test_probs,
+                   "test_logits": test_logits, "val": val, "test_ece": test_ece}
 
-    metrics = {
+
+def _run_metrics(config: TrainConfig, run: _Run, workers, threads, gpu_report, dataset, train_split, val_split,
+                 model, outcome: dict[str, Any], best_epoch: int) -> dict[str, Any]:
+    """metrics.json's content: the evaluation, the history's timings and how the run ran."""
+    import keras
+    import tensorflow as tf
+
+    from model import evaluate
+
+    history = evaluate.read_history(run.history_path)
+    train_seconds = sum(row.get("epoch_seconds", 0.0) for row in history)
+    epochs_run = len(history)
+    test, val, test_ece, calibration = outcome["test"], outcome["val"], outcome["test_ece"], outcome["calibration"]
+    return {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "per_class_accuracy": test["per_class_accuracy"],
@@ -901,7 +959,7 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         "val_accuracy": val["accuracy"],
         # Calibration (expected calibration error, 15 bins) of what users see: the shipped
         # model's probabilities; the uncalibrated and temperature-scaled values beside them.
-        "test_ece": evaluate.expected_calibration_error(dataset.test.labels, test_probs),
+        "test_ece": evaluate.expected_calibration_error(dataset.test.labels, outcome["test_probs"]),
         "test_ece_uncalibrated": test_ece["uncalibrated"],
         "test_ece_temperature_scaled": test_ece["temperature_scaled"],
         "val_ece": calibration["val_ece_applied"],
@@ -910,18 +968,18 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         "epochs_run": epochs_run,
         "train_seconds": round(train_seconds, 2),
         "train_samples_per_second": round(
-            epochs_run * plan.images_per_epoch * workers.count / max(train_seconds, 1e-9), 1
+            epochs_run * run.plan.images_per_epoch * workers.count / max(train_seconds, 1e-9), 1
         ),
-        "train_steps_per_epoch": plan.steps_per_epoch,
+        "train_steps_per_epoch": run.plan.steps_per_epoch,
         "train_images": len(train_split),
         "validation_images": len(val_split),
         "test_images": len(dataset.test),
         "parameters": int(model.count_params()),
-        "resumed": resuming,
-        "xla": use_xla,
-        "steps_per_execution": plan.steps_per_execution,
+        "resumed": run.resuming,
+        "xla": run.use_xla,
+        "steps_per_execution": run.plan.steps_per_execution,
         "threads": threads,
-        "replicas": replicas,
+        "replicas": run.replicas,
         "workers": workers.count,
         "device": "GPU" if gpu_report.gpu_usable else "CPU",
         "mixed_precision": gpu_report.mixed_precision,
@@ -931,6 +989,17 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
     }
 
+
+def _write_run(run: _Run, workers, model, dataset, outcome: dict[str, Any], metrics: dict[str, Any],
+               best_epoch: int) -> None:
+    """The chief's run folder: the model, the plots, then metrics.json (its presence marks the
+    run complete); the backup goes, and every worker is told the run is finished."""
+    import numpy as np
+
+    from model import distributed, evaluate
+
+    run_dir, test = run.run_dir, outcome["test"]
+    history = evaluate.read_history(run.history_path)
     tmp_model = run_dir / f".{contract.RUN_MODEL_FILE}.tmp.keras"
     model.save(tmp_model)
     os.replace(tmp_model, run_dir / contract.RUN_MODEL_FILE)
@@ -940,15 +1009,14 @@ def train_and_evaluate(config: TrainConfig, log=print, extra_callbacks: Sequence
         contract.LABELS, f"MNIST test set: accuracy {test['accuracy']:.2%}",
     )
     evaluate.plot_reliability(
-        dataset.test.labels, {"uncalibrated": softmax(test_logits), "shipped": test_probs},
+        dataset.test.labels, {"uncalibrated": softmax(outcome["test_logits"]), "shipped": outcome["test_probs"]},
         run_dir / "reliability.png",
     )
     # metrics.json last: its presence marks the run complete.
     configlib.write_json_atomic(run_dir / contract.RUN_METRICS_FILE, metrics)
     (run_dir / UNFINISHED_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(backup_dir, ignore_errors=True)
+    shutil.rmtree(run.backup_dir, ignore_errors=True)
     workers.wait_for_all("finished", distributed.FINAL_BARRIER_TIMEOUT_S)
-    return RunResult(run_dir=run_dir, metrics=metrics)
 
 
 def _data_fingerprint(dataset) -> str:

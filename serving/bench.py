@@ -27,7 +27,7 @@ pictures of every kind (export/photos.py) to serving_bytes over REST and gRPC an
 client CLI's two predict paths (pixels preprocessed on the client, and --bytes), and records
 per kind and path the accuracy, the refusals, and whether the model saw the same 28x28
 picture as the Pi's preprocessing makes (mnist_image, within the parity tolerance of
-export/saved_model.py); then the latency of a 1-megapixel JPEG
+export/verify.py); then the latency of a 1-megapixel JPEG
 photo through serving_bytes with one client (target p50 <= 10 ms).
 """
 
@@ -46,8 +46,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
+from mobile.runtime import latency_stats
 from serving import json_tensor as jt
 from serving.client import DEFAULT_MAX_BATCH_SIZE, request_slices
 
@@ -304,7 +305,7 @@ async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: 
     started = time.perf_counter()
     await phase(config.duration, tallies)
     elapsed = time.perf_counter() - started
-    latencies = np.concatenate([np.asarray(t.latencies) for t in tallies]) * 1e3
+    latency = latency_stats(np.concatenate([np.asarray(t.latencies) for t in tallies]), 1e3)
     requests = sum(t.requests for t in tallies)
     errors = sum(t.errors for t in tallies)
     return {
@@ -312,9 +313,7 @@ async def run_scenario(protocol: str, endpoint: str, images: np.ndarray, batch: 
         "requests": requests, "errors": errors,
         "first_error": next((t.first_error for t in tallies if t.first_error), ""),
         "seconds": round(elapsed, 3),
-        "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 3),
-                       "p99": round(float(np.percentile(latencies, 99)), 3),
-                       "mean": round(float(latencies.mean()), 3)},
+        "latency_ms": {key: round(value, 3) for key, value in latency.items()},
         "requests_per_s": round(requests / elapsed, 1),
         "predictions_per_s": round(requests * batch / elapsed, 1),
     }
@@ -353,7 +352,7 @@ def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets against the measured cells (None when a cell was not run)."""
+    """The kit's serving targets against the measured cells (None when a cell was not run)."""
     def cell(protocol: str, batch: int, concurrency: int) -> dict[str, Any] | None:
         return next((r for r in results if (r["protocol"], r["batch"], r["concurrency"]) == (protocol, batch, concurrency)), None)
 
@@ -378,7 +377,7 @@ def evaluate_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def ensure_model_base(config: BenchConfig, log: Any = print) -> Path:
     """--model-base when it holds a version, else a fresh export of --run (returns the root)."""
-    from serving.model_manager import numeric_versions
+    from common.versions import numeric_versions
 
     if numeric_versions(Path(config.model_base) / contract.MODEL_NAME):
         return Path(config.model_base)
@@ -627,10 +626,10 @@ def _bytes_path(client: Any, pictures: list[bytes], pi: list, truth: np.ndarray,
 
 
 def _agreement(pi: list, images: list) -> tuple[int, int]:
-    """(pictures whose 28x28 agree within export.saved_model.PICTURE_PARITY_MAX_MEAN_DIFF
+    """(pictures whose 28x28 agree within export.verify.PICTURE_PARITY_MAX_MEAN_DIFF
     grey levels, or both refused; pictures identical byte for byte) between the Pi's
     preprocessing (`pi`) and serving_bytes' mnist_image (`images`; None: refused)."""
-    from export.saved_model import PICTURE_PARITY_MAX_MEAN_DIFF
+    from export.verify import PICTURE_PARITY_MAX_MEAN_DIFF
 
     same = identical = 0
     for mine, theirs in zip(pi, images):
@@ -669,9 +668,9 @@ def _photo_1mp_latency(rest: Any, grpc_client: Any, digit: np.ndarray, config: B
             t0 = time.perf_counter()
             client.predict_encoded([photo.data], validate=False)
             seconds.append(time.perf_counter() - t0)
-        ms = np.asarray(seconds) * 1e3
-        out[name] = {"runs": len(seconds), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-                     "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+        latency = latency_stats(seconds, 1e3)
+        out[name] = {"runs": len(seconds), "p50_ms": round(latency["p50"], 2),
+                     "p99_ms": round(latency["p99"], 2)}
     out["load_average_after"] = list(os.getloadavg())
     return out
 

@@ -28,7 +28,7 @@ batching file's max_batch_size) and join the answers: TF Serving refuses a large
 ("Task size N is larger than maximum input batch size 256"), and its metadata does not say
 the limit, so it is a client setting that must not exceed the server's.
 
-This module imports numpy, requests and model/contract.py (pure Python) only; a test
+This module imports numpy, requests and common/contract.py (pure Python) only; a test
 imports it with TensorFlow blocked.
 """
 
@@ -39,12 +39,12 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import quote
 
 import numpy as np
 
-from model import contract
+from common import contract
 
 DEFAULT_REST_URL = "http://localhost:8501"
 DEFAULT_GRPC_TARGET = "localhost:8500"
@@ -299,7 +299,42 @@ def _server_message(response: Any) -> str:
         return (response.text or response.reason or "").strip()[:500]
 
 
-class RestClient:
+_Client = TypeVar("_Client", bound="ModelClient")
+
+
+class ModelClient:
+    """What the REST and gRPC clients share: `with Client(...) as client:` closes the
+    connection, and predict()'s checks and request slicing. Each transport supplies close(),
+    input_spec() and _predict_pixels() (one request of at most max_batch_size images)."""
+
+    max_batch_size: int
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def input_spec(self, signature: str, name: str) -> TensorSpec:
+        raise NotImplementedError
+
+    def _predict_pixels(self, images: np.ndarray) -> Prediction:
+        raise NotImplementedError
+
+    def __enter__(self: _Client) -> _Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def predict(self, images: Any, validate: bool = True) -> Prediction:
+        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default,
+        in requests of at most max_batch_size images."""
+        spec = (self.input_spec(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS) if validate
+                else TensorSpec(contract.INPUT_PIXELS, "DT_UINT8", (-1, *contract.IMAGE_SHAPE)))
+        array = check_tensor(images, spec, "images")
+        return join_predictions([self._predict_pixels(array[piece])
+                                 for piece in request_slices(len(array), self.max_batch_size)])
+
+
+class RestClient(ModelClient):
     """TF Serving's REST API for one model (optionally one version or label)."""
 
     def __init__(self, url: str = DEFAULT_REST_URL, model: str = contract.MODEL_NAME,
@@ -322,12 +357,6 @@ class RestClient:
 
     def close(self) -> None:
         self._session.close()
-
-    def __enter__(self) -> "RestClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     @property
     def model_url(self) -> str:
@@ -411,17 +440,9 @@ class RestClient:
         body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         return self._request("POST", self.model_url + ":predict", body)
 
-    def predict(self, images: Any, validate: bool = True) -> Prediction:
-        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default,
-        in requests of at most max_batch_size images."""
-        spec = (self.input_spec(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS) if validate
-                else TensorSpec(contract.INPUT_PIXELS, "DT_UINT8", (-1, *contract.IMAGE_SHAPE)))
-        array = check_tensor(images, spec, "images")
-        return join_predictions([
-            prediction_from_outputs(_outputs_of(self.predict_raw({
-                "signature_name": contract.SIGNATURE_PIXELS,
-                "inputs": {contract.INPUT_PIXELS: array[piece].tolist()}})))
-            for piece in request_slices(len(array), self.max_batch_size)])
+    def _predict_pixels(self, images: np.ndarray) -> Prediction:
+        return prediction_from_outputs(_outputs_of(self.predict_raw({
+            "signature_name": contract.SIGNATURE_PIXELS, "inputs": {contract.INPUT_PIXELS: images.tolist()}})))
 
     def predict_encoded(self, pictures: Sequence[bytes], validate: bool = True) -> Prediction:
         """Digits for encoded pictures (PNG/JPEG bytes, any size) through serving_bytes,

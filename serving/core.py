@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from common import contract
 from serving import batching, config_files
 from serving import protocol as pr
 from serving.metrics import BATCH_BUCKETS, PADDING_SIZE, PROCESSED_BATCH_SIZE, Metrics
@@ -33,7 +34,7 @@ MAX_BATCH_QUEUES_PER_VERSION = 8  # distinct (signature, row shape, outputs) com
 INLINE_MIN_GAP_S = 1e-3
 # ...and only when no two requests were in flight together for this long (see _lone_request).
 INLINE_QUIET_S = 0.05
-INLINE_MAX_BYTES = 32 * 28 * 28
+INLINE_MAX_BYTES = 32 * contract.IMAGE_HEIGHT * contract.IMAGE_WIDTH  # an MNIST batch of 32, uint8
 
 
 def cheap(inputs: Mapping[str, np.ndarray]) -> bool:
@@ -145,9 +146,8 @@ class ServingCore:
         queued together. `gather=True` (gRPC): while other requests are in flight, hold a
         request gather_wait seconds first, so that it shares a batch; grpc.aio hands its
         handlers one call per loop iteration, so without this gRPC batches stay at 1-2 rows
-        under load (REST requests, read many per iteration, batch by themselves). Measured
-        at 32 single-image clients: 2.2 -> 4.4 rows per model run and about 30% more gRPC
-        predictions/s. A small numeric request (cheap) arriving alone (_lone_request), with
+        under load (REST requests, read many per iteration, batch by themselves); gathering
+        about doubles the rows per model run at many single-image clients. A small numeric request (cheap) arriving alone (_lone_request), with
         its queue idle, runs right here instead: for a small model, less time than the two
         thread hand-offs it saves. Anything else leaves the loop free to read requests (so
         that they batch) and to act on signals. Cancelling the call cancels a run that has
@@ -191,16 +191,14 @@ class ServingCore:
         for INLINE_QUIET_S?
 
         One in flight at a time is not enough: a server under load (gRPC's in particular)
-        reads the next request the moment it has answered the previous one; measured,
-        running those inline cut 32-client gRPC throughput by a third. The gap alone is not
+        reads the next request the moment it has answered the previous one, and running
+        those inline starves the loop that reads the others. The gap alone is not
         enough either: under load, requests come in waves (a batch answers many clients,
         which all send again), and the first of a wave finds none in flight. When the
         machine slows down, the gaps grow, more requests run inline on the loop, and the
-        loop, the server's bottleneck, slows further: at 32 gRPC clients, 4.5% of requests
-        ran inline, 18% with a busy process beside the server. A lone client never has two
-        in flight, so the quiet period costs it nothing; with it, 32 gRPC clients beside a
-        busy process got 10% and 17% more predictions/s in two comparisons (each the median
-        of 6 alternated rounds), and about the same without the busy process."""
+        loop, the server's bottleneck, slows further. A lone client never has two in flight,
+        so the quiet period costs it nothing, while many clients on a busy machine keep their
+        requests off the loop."""
         return (self.in_flight == 1 and self.arrival_gap > INLINE_MIN_GAP_S
                 and time.perf_counter() - self._last_crowded > INLINE_QUIET_S)
 

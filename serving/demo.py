@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model import configlib, contract
-from model.configlib import field
+from common import configlib, contract
+from common.configlib import field
+from common.versions import version_tuple
 
 MIN_TENSORFLOW = "2.21.0"  # the TensorFlow this kit trains and exports with
 
@@ -33,14 +34,6 @@ class DockerCheckConfig:
     models_root: Path = field(Path("artifacts/serving"), "folder with <model>/<version>/ SavedModels")
     model_name: str = field(contract.MODEL_NAME, "model whose newest version sets the minimum")
     timeout: float = field(600.0, "seconds allowed for pulling and running the image")
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    """'2.21.0-rc1' -> (2, 21, 0); ValueError when there is no version number."""
-    match = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
-    if not match:
-        raise ValueError(f"not a version number: {text!r}")
-    return tuple(int(g or 0) for g in match.groups())
 
 
 def parse_server_versions(output: str) -> tuple[str, str]:
@@ -68,7 +61,7 @@ def image_versions(image: str, timeout: float = 600.0) -> tuple[str, str]:
 
 def model_tensorflow_version(models_root: Path, model_name: str) -> tuple[int | None, str | None]:
     """(newest version number, the TensorFlow version recorded in its saved_model.pb)."""
-    from serving.model_manager import numeric_versions
+    from common.versions import numeric_versions
 
     versions = numeric_versions(Path(models_root) / model_name)
     if not versions:

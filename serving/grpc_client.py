@@ -23,13 +23,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from model import contract
+from common import contract
 from serving import tensor_proto
 from serving.client import (
-    DEFAULT_GRPC_TARGET, DEFAULT_MAX_BATCH_SIZE, DeadlineExceeded, InputError, Prediction,
-    RequestRejected, RetryPolicy, ServerFailure, TensorSpec, UnreachableError, check_tensor,
-    join_predictions, prediction_from_outputs, request_slices, signatures_from_metadata,
-    with_retries,
+    DEFAULT_GRPC_TARGET, DEFAULT_MAX_BATCH_SIZE, DeadlineExceeded, InputError, ModelClient,
+    Prediction, RequestRejected, RetryPolicy, ServerFailure, TensorSpec, UnreachableError,
+    check_tensor, join_predictions, prediction_from_outputs, request_slices,
+    signatures_from_metadata, with_retries,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
@@ -40,7 +40,7 @@ _REJECTED = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RAN
              "ABORTED", "CANCELLED"}
 
 
-class GrpcClient:
+class GrpcClient(ModelClient):
     """PredictionService + ModelService for one model (optionally one version or label)."""
 
     def __init__(self, target: str = DEFAULT_GRPC_TARGET, model: str = contract.MODEL_NAME,
@@ -76,12 +76,6 @@ class GrpcClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> "GrpcClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # -- transport ---------------------------------------------------------------------------
     def _spec(self, spec: Any, signature: str = "") -> None:
@@ -166,15 +160,8 @@ class GrpcClient:
         outputs = {k: tensor_proto.to_ndarray(v) for k, v in response.outputs.items()}
         return outputs, int(response.model_spec.version.value)
 
-    def predict(self, images: Any, validate: bool = True) -> Prediction:
-        """Digits for raw pixels: uint8 [N, 28, 28] (or one [28, 28]) through serving_default,
-        in requests of at most max_batch_size images."""
-        spec = (self.input_spec(contract.SIGNATURE_PIXELS, contract.INPUT_PIXELS) if validate
-                else TensorSpec(contract.INPUT_PIXELS, "DT_UINT8", (-1, *contract.IMAGE_SHAPE)))
-        array = check_tensor(images, spec, "images")
-        return join_predictions([
-            prediction_from_outputs(*self.predict_tensors(contract.SIGNATURE_PIXELS, {contract.INPUT_PIXELS: array[piece]}))
-            for piece in request_slices(len(array), self.max_batch_size)])
+    def _predict_pixels(self, images: np.ndarray) -> Prediction:
+        return prediction_from_outputs(*self.predict_tensors(contract.SIGNATURE_PIXELS, {contract.INPUT_PIXELS: images}))
 
     def predict_encoded(self, pictures: Sequence[bytes], validate: bool = True) -> Prediction:
         """Digits for encoded pictures (PNG/JPEG bytes) through serving_bytes, in requests of

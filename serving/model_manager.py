@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from common.versions import numeric_versions
 from serving import protocol
 from serving import tensor_proto
 from serving.config_files import ModelSpecConfig, VersionPolicy
@@ -387,12 +388,12 @@ class Servable:
         A failing record fails the load, as in TF Serving. Other log kinds (classify,
         regress, multi-inference) are skipped: this server implements Predict only.
         """
-        from model import contract
+        from common import contract
 
         path = self.path / contract.WARMUP_FILE
         if not path.is_file():
             return 0
-        from export.saved_model import read_warmup
+        from export.warmup import read_warmup
 
         records = read_warmup(path)
         if len(records) > MAX_WARMUP_RECORDS:
@@ -453,21 +454,6 @@ class _Model:
     aspired: set[int] = field(default_factory=set)  # as of the last poll
     # Versions being loaded (each in its own thread): set the Event to stop its retries.
     loading: dict[int, threading.Event] = field(default_factory=dict)
-
-
-def numeric_versions(base_path: Path) -> list[int]:
-    """Version folders under a model's base path: names that parse as non-negative int64."""
-    try:
-        entries = list(Path(base_path).iterdir())
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return []
-    versions = []
-    for entry in entries:
-        if entry.name.isdigit() and entry.is_dir():
-            number = int(entry.name)
-            if number <= protocol.INT64_MAX:
-                versions.append(number)
-    return sorted(set(versions))
 
 
 class ModelManager:
@@ -761,6 +747,3 @@ class ModelManager:
         """Is `name` a model of the configuration (served now or not)?"""
         return name in self._models
 
-    def model_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)

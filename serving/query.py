@@ -45,8 +45,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
+from mobile.runtime import latency_stats
 from serving.client import (
     DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, RequestRejected, RestClient, RetryPolicy,
     ServingError, read_picture_bytes,
@@ -289,8 +290,7 @@ def run_testset(client: Any, config: QueryConfig, log: Any = print) -> dict[str,
         "accuracy": float((digits == labels).mean()),
         "requests": len(latencies),
         "batch_size": config.batch_size,
-        "latency_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-                       "mean": float(ms.mean()), "max": float(ms.max())},
+        "latency_ms": {**latency_stats(latencies, 1e3), "max": float(ms.max())},
         "images_per_second": float(len(images) / elapsed),
         "protocol": config.protocol,
     }

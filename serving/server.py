@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from model import configlib
+from common import configlib
 from serving import config_files
 from serving import protocol as pr
 from serving.core import ServingCore

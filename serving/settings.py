@@ -1,6 +1,6 @@
 """The local server's settings: one config dataclass, its flags, TF Serving's flag spelling.
 
-`ServeConfig` is what `python -m serving.server` takes (model/configlib.py turns its fields
+`ServeConfig` is what `python -m serving.server` takes (common/configlib.py turns its fields
 into flags); `normalise_flags` accepts tensorflow_model_server's spelling as well
 (`--rest_api_port=8501`, `--enable_batching=false`).
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from model import contract
-from model.configlib import ConfigError, field
+from common import contract
+from common.configlib import ConfigError, field
 
 SERVING_DIR = Path(__file__).resolve().parent
 EVENT_LOOPS = ("uvloop", "asyncio")

@@ -1,7 +1,7 @@
 """Helpers for the serving tests (the shared fixtures themselves are in tests/conftest.py).
 
 - `publish_copy`: publish a new version of a model as a copy of an existing one, through
-  export.saved_model.publish (temporary folder + atomic rename, as `make export` does).
+  export.publish.publish (temporary folder + atomic rename, as `make export` does).
 - `saved_model_outputs` / `saved_model_bytes_outputs`: what the SavedModel itself answers,
   loaded with TensorFlow in this process: the reference every served answer must equal.
 - `start_server` / `running_server`: the local server as a subprocess on free ports over a
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model import contract
+from common import contract
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_TOOL = REPO / ".tools" / "docker-compose"  # the Makefile's COMPOSE_TOOL (make setup-compose)
@@ -50,7 +50,7 @@ PROBABILITY_ATOL = 1e-6
 
 def publish_copy(model_dir: Path, source_version_dir: Path) -> int:
     """Publish the next version of `model_dir` as a copy of `source_version_dir`."""
-    from export.saved_model import publish
+    from export.publish import publish
 
     version, _path = publish(Path(model_dir), lambda tmp: shutil.copytree(source_version_dir, tmp))
     return version
@@ -58,7 +58,7 @@ def publish_copy(model_dir: Path, source_version_dir: Path) -> int:
 
 def saved_model_outputs(version_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """serving_default of the SavedModel on uint8 [N, 28, 28], run by TensorFlow here."""
-    from export.saved_model import load_signatures, predict_saved_model
+    from export.verify import load_signatures, predict_saved_model
 
     return predict_saved_model(load_signatures(version_dir), images)
 
@@ -67,7 +67,7 @@ def saved_model_bytes_outputs(version_dir: Path, pictures: Sequence[bytes]) -> d
     """serving_bytes of the SavedModel on encoded pictures, run by TensorFlow here."""
     import tensorflow as tf
 
-    from export.saved_model import load_signatures
+    from export.verify import load_signatures
 
     fn = load_signatures(version_dir)[contract.SIGNATURE_BYTES]
     out = fn(**{contract.INPUT_BYTES: tf.constant(np.array(list(pictures), dtype=object))})
@@ -75,7 +75,7 @@ def saved_model_bytes_outputs(version_dir: Path, pictures: Sequence[bytes]) -> d
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    from export.saved_model import encode_png
+    from export.warmup import encode_png
 
     return encode_png(image)
 

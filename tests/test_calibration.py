@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from model import contract, evaluate
+from common import contract
+from model import evaluate
 
 
 def _softmax(z):

@@ -1,7 +1,7 @@
 """`make demo`'s launcher and page server (serving/demo.py), without a browser.
 
 The page itself, in Chromium against `make demo`, is tests/test_web_page.py. Here: the page's
-names agree with model/contract.py, the static server serves exactly the page's files with
+names agree with common/contract.py, the static server serves exactly the page's files with
 the right types, the launcher's settings, messages and exit codes, and that Ctrl-C / SIGTERM
 stop it (with the `none` backend, which starts no model server: fast), and that compose's
 TF Serving gets the CORS flag.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from model import contract
+from common import contract
 from serving import demo
 from serving.process import free_port
 from tests.serving_fixtures import REPO, compose_command

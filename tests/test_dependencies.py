@@ -5,10 +5,15 @@
 - `mobile/` (what runs on the Pi) imports and classifies where TensorFlow, Keras and the rest
   of the kit (model/, export/, serving/) cannot be imported.
 - The REST client and the query CLI work where TensorFlow cannot be imported.
+- `common/` (the shared vocabulary) imports nothing of the kit; the clients (REST, gRPC,
+  query CLI) import nothing of the local server; `mobile/` imports nothing but itself. These
+  are read from the source (every import statement, including those inside functions), so a
+  lazy import breaks them as surely as a top-level one.
 """
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -18,7 +23,7 @@ import pytest
 
 from .conftest import REPO, python_env
 
-PACKAGES = ("model", "export", "serving", "mobile")
+PACKAGES = ("common", "model", "export", "serving", "mobile", "pi")
 HEAVY = ("tensorflow", "keras", "tensorflow_serving", "grpc", "ai_edge_litert", "tflite_runtime",
          "matplotlib", "tensorflow_datasets")
 
@@ -45,6 +50,45 @@ def blocker(prefixes: tuple[str, ...]) -> str:
                 return None
         sys.meta_path.insert(0, Block())
     """)
+
+
+def kit_imports(module: str) -> set[str]:
+    """The kit modules `module`'s source imports anywhere (top level or inside functions).
+
+    `from serving import tensor_proto` counts as `serving.tensor_proto` when that is a module,
+    else as the package `serving`; relative imports are resolved against `module`'s package.
+    """
+    known = set(all_modules())
+    parts = module.split(".")
+    path = REPO.joinpath(*parts).with_suffix(".py")
+    if not path.is_file():
+        path = REPO.joinpath(*parts, "__init__.py")
+    package = module if path.name == "__init__.py" else ".".join(parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found & known
+
+
+def import_closure(roots: list[str]) -> dict[str, str]:
+    """Every kit module reachable from `roots` through imports, each with the module that first imported it."""
+    seen = {root: root for root in roots}
+    todo = list(roots)
+    while todo:
+        current = todo.pop()
+        for name in sorted(kit_imports(current)):
+            if name not in seen:
+                seen[name] = current
+                todo.append(name)
+    return seen
 
 
 def run_python(code: str, cwd=REPO, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -75,7 +119,7 @@ def test_mobile_imports_and_classifies_without_tensorflow_or_the_kit(exported, f
     digits = tmp_path / "digits.npy"
     np.save(digits, fixture_mnist.test.images[:50])
     mobile_modules = [m for m in all_modules() if m.split(".")[0] == "mobile"]
-    code = blocker(("tensorflow", "keras", "model", "export", "serving", "tests")) + textwrap.dedent(f"""
+    code = blocker(("tensorflow", "keras", "common", "model", "export", "serving", "pi", "tests")) + textwrap.dedent(f"""
         import importlib, numpy as np
         for name in {mobile_modules!r}:
             importlib.import_module(name)
@@ -97,7 +141,8 @@ def test_rest_client_and_query_cli_work_without_tensorflow():
     code = blocker(("tensorflow", "keras", "tensorflow_serving", "grpc")) + textwrap.dedent("""
         import numpy as np
         from serving import client, query
-        from model import contract, idx, configlib
+        from common import contract, configlib
+        from model import idx
         assert hasattr(client, "RestClient")
         print("ok")
     """)
@@ -108,7 +153,7 @@ def test_rest_client_and_query_cli_work_without_tensorflow():
 @pytest.mark.parametrize("module", ["mobile.runtime", "mobile.preprocess", "mobile.classify"])
 def test_pi_code_runs_on_python_and_numpy_alone_at_import(module):
     """The Pi bundle's modules need only the standard library, numpy and Pillow to import."""
-    code = blocker(HEAVY + ("model", "export", "serving", "requests", "aiohttp", "orjson")) + (
+    code = blocker(HEAVY + ("common", "model", "export", "serving", "pi", "requests", "aiohttp", "orjson")) + (
         f"import {module}\nprint('ok')\n"
     )
     proc = run_python(code)
@@ -120,3 +165,85 @@ def test_mobile_holds_exactly_what_ships_to_the_pi():
 
     present = {p.stem for p in (REPO / "mobile").glob("*.py")}
     assert present == set(mobile.SHIPPED_MODULES)
+
+
+# The local server (python -m serving.server) and everything only it needs (serving.protocol
+# and serving.tensor_proto are the wire vocabulary both sides share). The clients are
+# what users copy into their applications: they must not drag the server along.
+CLIENTS = ["serving.client", "serving.grpc_client", "serving.query"]
+LOCAL_SERVER = ("serving.server", "serving.core", "serving.rest", "serving.grpc_api",
+                "serving.model_manager", "serving.batching", "serving.config_files",
+                "serving.settings", "serving.metrics", "serving.json_tensor",
+                "serving.rapidjson_compat", "serving.process")
+
+
+def modules_of(package: str) -> list[str]:
+    return [m for m in all_modules() if m.split(".")[0] == package]
+
+
+def test_common_imports_nothing_of_the_kit():
+    closure = import_closure(modules_of("common"))
+    outside = {name: by for name, by in closure.items() if name.split(".")[0] != "common"}
+    assert not outside, f"common/ must import nothing of the kit; found (module: imported by) {outside}"
+    # And for real: common/ imports where the rest of the kit and numpy cannot.
+    code = blocker(("model", "export", "serving", "mobile", "pi", "tests", "numpy") + HEAVY) + textwrap.dedent(f"""
+        import importlib
+        for name in {modules_of("common")!r}:
+            importlib.import_module(name)
+        print("ok")
+    """)
+    proc = run_python(code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_clients_import_nothing_of_the_local_server():
+    assert set(LOCAL_SERVER) <= set(all_modules()), "LOCAL_SERVER names a module that no longer exists"
+    closure = import_closure(CLIENTS)
+    server = {name: by for name, by in closure.items() if name in LOCAL_SERVER or name.startswith("export")}
+    assert not server, f"a client imports the local server or the exporter (module: imported by): {server}"
+
+
+def test_mobile_imports_nothing_but_itself():
+    closure = import_closure(modules_of("mobile"))
+    outside = {name: by for name, by in closure.items() if name.split(".")[0] != "mobile"}
+    assert not outside, f"mobile/ must import only mobile/ (module: imported by): {outside}"
+
+
+def test_pi_tooling_imports_neither_serving_nor_tests():
+    closure = import_closure(modules_of("pi"))
+    outside = {name: by for name, by in closure.items() if name.split(".")[0] in ("serving", "tests")}
+    assert not outside, f"pi/ must not import serving/ or tests/ (module: imported by): {outside}"
+    assert {"pi.bundle", "pi.bench_mobile", "pi.emulation", "pi.smoke"} <= set(closure)
+
+
+def test_no_package_below_pi_imports_it():
+    users = {}
+    for module in all_modules():
+        if module.split(".")[0] != "pi":
+            users.update({module: name for name in import_closure([module]) if name.split(".")[0] == "pi"})
+    assert not users, f"pi/ is a tool on top of the kit; these reach it (module: pi module): {users}"
+
+
+def test_the_local_server_imports_only_the_warm_up_module_of_the_exporter():
+    closure = import_closure(["serving.server", *LOCAL_SERVER])
+    exporter = {name: by for name, by in closure.items()
+                if name.split(".")[0] in ("export", "model") and name not in ("export", "export.warmup")}
+    assert not exporter, f"the local server imports the exporter or the trainer (module: imported by): {exporter}"
+    assert "export.warmup" in closure  # it reads the warm-up file as TF Serving does
+
+
+# Bottom to top: a package may import only those before it (README's Layout section).
+LAYERS = ("common", "mobile", "model", "export", "serving", "pi")
+ALLOWED = {"common": (), "mobile": (), "model": ("common",), "export": ("common", "mobile", "model"),
+           "serving": ("common", "mobile", "model", "export"), "pi": ("common", "mobile", "model", "export")}
+
+
+def test_no_import_runs_back_up_the_layers():
+    assert set(LAYERS) == set(PACKAGES) == set(ALLOWED)
+    wrong = {}
+    for module in all_modules():
+        package = module.split(".")[0]
+        for name in kit_imports(module):
+            if name.split(".")[0] not in (package, *ALLOWED[package]):
+                wrong.setdefault(module, []).append(name)
+    assert not wrong, f"imports against the layering {LAYERS} (module: what it imports): {wrong}"

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import contract
 from export import saved_model as sm
 from export import tflite
 from export.pipeline import EXIT_GATE_REFUSED
-from model import contract
 
 from .conftest import REPO, python_env
 from .process_guard import stopping

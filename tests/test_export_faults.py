@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from common import configlib, contract
 from export import pipeline, tflite
 from export import saved_model as sm
-from model import configlib, contract
 
 ENOSPC_TEXT = "No space left on device (ENOSPC)"
 
@@ -129,13 +129,13 @@ def test_a_failed_step_publishes_nothing_and_names_the_file(tmp_path, monkeypatc
         monkeypatch.setattr(configlib.os, "fsync", _enospc)
         expected_file = "metrics.json"
     elif step == "fsync":
-        monkeypatch.setattr(sm.os, "fsync", _fail_fsync_of(lambda path: path.endswith("saved_model.pb")))
+        monkeypatch.setattr(os, "fsync", _fail_fsync_of(lambda path: path.endswith("saved_model.pb")))
         expected_file = "saved_model.pb"
     elif step == "high-water mark":
         monkeypatch.setattr(Path, "write_text", _fail_write_text_of(f".{sm.HIGH_WATER_FILE}.tmp"))
         expected_file = sm.HIGH_WATER_FILE
     elif step == "rename":
-        monkeypatch.setattr(sm.os, "rename", _enospc)
+        monkeypatch.setattr(os, "rename", _enospc)
         expected_file = str(model_dir / "2")
 
     with pytest.raises(sm.ExportError) as info:
@@ -153,7 +153,7 @@ def test_a_failed_step_publishes_nothing_and_names_the_file(tmp_path, monkeypatc
 def test_once_renamed_the_version_is_published_even_if_the_last_flush_fails(tmp_path, monkeypatch):
     """The window where the version was complete and visible but the export exited 1."""
     model_dir = tmp_path / "mnist"
-    monkeypatch.setattr(sm.os, "fsync", _fail_fsync_of(lambda path: path == str(model_dir)))
+    monkeypatch.setattr(os, "fsync", _fail_fsync_of(lambda path: path == str(model_dir)))
     logged: list[str] = []
     number, final = sm.publish(model_dir, _writer, log=logged.append)
     assert (number, final) == (1, model_dir / "1") and (final / "saved_model.pb").read_bytes() == b"graph"

@@ -1,7 +1,7 @@
 """Every program of the kit answers --help: exit status 0 and a usage line.
 
-The programs are found in the code, not listed by hand: each module of model/, export/,
-serving/, mobile/ and tests/ with an `if __name__ == "__main__":` block, and each package
+The programs are found in the code, not listed by hand: each module of common/, model/,
+export/, serving/, mobile/, pi/ and tests/ with an `if __name__ == "__main__":` block, and each package
 with a __main__.py (`python -m export`). They all start at once (a module fixture) and each
 parameter checks its own program's answer.
 """
@@ -16,7 +16,7 @@ import pytest
 
 from .conftest import REPO, python_env
 
-FOLDERS = ("model", "export", "serving", "mobile", "tests")
+FOLDERS = ("common", "model", "export", "serving", "mobile", "pi", "tests")
 _MAIN_BLOCK = re.compile(r"""^if __name__ == ["']__main__["']:""", re.MULTILINE)
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from model import cluster, contract
+from common import contract
+from model import cluster
 from serving import config_files
 from serving.process import free_port
 
@@ -474,7 +475,7 @@ def test_the_training_image_installs_the_pinned_training_set(training_objects):
     makefile = (REPO / "Makefile").read_text()
     assert python == re.search(r"^PYTHON \?= \$\(shell command -v python(\d+\.\d+)", makefile, re.M).group(1)
     assert 'pip install -c requirements/constraints.txt ".[train]"' in dockerfile
-    for package in ("model", "export", "serving", "mobile"):  # pyproject's packages
+    for package in ("common", "model", "export", "serving", "mobile"):  # pyproject's packages
         assert f"COPY {package}/ {package}/" in dockerfile
     uid = re.search(r"useradd --uid (\d+)", dockerfile).group(1)
     job, _train, _env = _train_container(training_objects)

@@ -1,4 +1,4 @@
-"""`python -m export.bench_mobile` on the session's exported fixture model (small settings).
+"""`python -m pi.bench_mobile` on the session's exported fixture model (small settings).
 
 Checks the benchmark measures what it says; its numbers are never asserted as targets, except
 that the mobile runtime reproduces the export report's accuracy exactly.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from export import bench_mobile as bench
+from pi import bench_mobile as bench
 
 REPO = Path(__file__).resolve().parents[1]
 

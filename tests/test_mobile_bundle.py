@@ -1,4 +1,4 @@
-"""`python -m export.pi_bundle`: the archive's contents, and the bundle running from a fresh folder.
+"""`python -m pi.bundle`: the archive's contents, and the bundle running from a fresh folder.
 
 The bundle is built from the session's exported fixture model, unpacked into an empty folder
 and run from there with only a TFLite runtime, numpy and Pillow: with tflite-runtime 2.14 in
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import mobile
-from export.pi_bundle import BundleConfig, build_bundle
+from pi.bundle import BundleConfig, build_bundle
 from tests.test_mobile_runtime import BLOCK_TENSORFLOW
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,13 +126,13 @@ def test_the_same_inputs_build_the_same_bytes(bundle, exported, fixture_data_dir
 def test_missing_model_or_labels_say_run_train_and_export_first(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "export.pi_bundle", "--model", str(tmp_path / "mnist.tflite"), "--out", str(tmp_path / "b.tar.gz")],
+        [sys.executable, "-m", "pi.bundle", "--model", str(tmp_path / "mnist.tflite"), "--out", str(tmp_path / "b.tar.gz")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
     )
     assert done.returncode == 2 and "make train / make export first" in done.stderr
     (tmp_path / "mnist.tflite").write_bytes(b"x")
     done = subprocess.run(
-        [sys.executable, "-m", "export.pi_bundle", "--model", str(tmp_path / "mnist.tflite"), "--out", str(tmp_path / "b.tar.gz")],
+        [sys.executable, "-m", "pi.bundle", "--model", str(tmp_path / "mnist.tflite"), "--out", str(tmp_path / "b.tar.gz")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
     )
     assert done.returncode == 2 and "labels" in done.stderr and "make train / make export first" in done.stderr
@@ -144,7 +144,7 @@ def test_a_corrupt_model_is_not_bundled(tmp_path, exported):
     (tmp_path / "labels.txt").write_bytes((exported.mobile_dir / "labels.txt").read_bytes())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "export.pi_bundle", "--model", str(tmp_path / "mnist.tflite"), "--out", str(tmp_path / "b.tar.gz")],
+        [sys.executable, "-m", "pi.bundle", "--model", str(tmp_path / "mnist.tflite"), "--out", str(tmp_path / "b.tar.gz")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
     )
     assert done.returncode == 1 and "not a TFLite model" in done.stderr

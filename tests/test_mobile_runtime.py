@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import contract
 import mobile
 from export import photos as synth
 from mobile import preprocess
@@ -26,7 +27,7 @@ from mobile.runtime import (
     load_labels,
     load_runtime,
 )
-from model import contract, idx
+from model import idx
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("float32", "float16", "dynamic", "int8")
@@ -39,7 +40,7 @@ BLOCK_TENSORFLOW = textwrap.dedent(
     import importlib.abc, sys
     class _Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"tensorflow", "keras", "model", "export", "serving", "tests"}:
+            if name.split(".")[0] in {"tensorflow", "keras", "common", "model", "export", "serving", "tests"}:
                 raise ImportError(f"{name} is blocked in this test")
             return None
     sys.meta_path.insert(0, _Block())

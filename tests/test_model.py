@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from model import configlib, contract
+from common import configlib, contract
 from model.train import TrainConfig
 
 from .conftest import REPO

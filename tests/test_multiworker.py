@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import cluster, contract, evaluate
+from common import contract
+from model import cluster, evaluate
 from serving.process import free_port
 
 from .conftest import REPO, python_env

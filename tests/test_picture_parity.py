@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from export import photos
-from export.saved_model import PICTURE_PARITY_MAX_MEAN_DIFF
+from export.verify import PICTURE_PARITY_MAX_MEAN_DIFF
 from mobile import preprocess as pre
 
 from .conftest import REPO

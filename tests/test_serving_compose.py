@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from model import contract
+from common import contract
 from serving import config_files, docker_check
 from tests.serving_fixtures import COMPOSE_TOOL, REPO, compose_command
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from model import contract
+from common import contract
 from tests.serving_fixtures import (
     PROBABILITY_ATOL, REPO, compose_command, png_bytes, saved_model_bytes_outputs, saved_model_outputs,
 )

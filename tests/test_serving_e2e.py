@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from model import contract
+from common import contract
 from tests.conftest import python_env
 from tests.serving_fixtures import (
     BLOCK_TENSORFLOW, PROBABILITY_ATOL, REPO, error_of, png_bytes, publish_copy,
@@ -185,7 +185,7 @@ def test_metadata_layout(server):
 def test_warmup_requests_are_replayed_on_load(server, base):
     import re
 
-    from export.saved_model import read_warmup
+    from export.warmup import read_warmup
 
     records = len(read_warmup(base / contract.MODEL_NAME / "1" / contract.WARMUP_FILE))
     log = server.log_path.read_text()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 
-from model import contract
+from common import contract
 from tests.serving_fixtures import peak_memory, reset_peak_memory, running_server
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import time
 import pytest
 import requests
 
-from model import contract
+from common import contract
 from tests.serving_fixtures import publish_copy, start_server
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def test_hot_swap_fails_no_request(copy_serving_base, fixture_mnist, tmp_path):
         _wait_for(lambda: _versions(server).get("1", ("",))[0] == "END", 60, "version 1 to be unloaded")
 
         # A broken version 3: reported with its error, version 2 keeps serving.
-        from export.saved_model import publish
+        from export.publish import publish
 
         def write_broken(tmp):
             tmp.mkdir()

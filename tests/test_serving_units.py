@@ -695,7 +695,7 @@ def test_docker_check_parses_versions():
 
 
 def test_server_flags_accept_tf_serving_spelling():
-    from model import configlib
+    from common import configlib
     from serving.settings import ServeConfig, normalise_flags
 
     argv = normalise_flags(["--rest_api_port=9000", "--enable_batching=false", "--model-config-file", "none"])
@@ -817,7 +817,7 @@ def test_a_missing_uvloop_is_a_clear_startup_error(monkeypatch, capsys):
 
 
 def test_bench_cells_report_the_median_of_their_rounds():
-    from model.configlib import ConfigError
+    from common.configlib import ConfigError
     from serving.bench import BenchConfig, combine_rounds
 
     def measured(rate, p50, errors=0, rows=None):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from model import contract, evaluate
+from common import contract
+from model import evaluate
 
 from .conftest import FIXTURE_MIN_ACCURACY, REPO, fixture_train_config, python_env
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model import contract
+from common import contract
 
 from .conftest import REPO, python_env
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from model import contract
+from common import contract
 from serving.process import free_port
 from tests import web_driver
 from tests.serving_fixtures import REPO

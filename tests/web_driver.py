@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from model import contract
+from common import contract
 
 CHROMIUM = Path(os.environ.get("MNIST_TEST_CHROMIUM", "/usr/bin/chromium"))
 # Debian's Chromium on a machine without a display, a GPU or a way out: no background

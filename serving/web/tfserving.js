@@ -1,7 +1,7 @@
 // A browser client of TF Serving's REST API (status, metadata, predict), as a user's own front
 // end would write it: fetch, JSON, base64. No TensorFlow, no framework.
 //
-// The names below cross the process boundary; model/contract.py defines them once and
+// The names below cross the process boundary; common/contract.py defines them once and
 // tests/test_web_page.py checks that these copies agree with it.
 
 export const MODEL_NAME = "mnist";

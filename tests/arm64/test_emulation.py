@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.arm64 import emulation
-from tests.arm64.emulation import EmulationError, Qemu
+from pi import emulation
+from pi.emulation import EmulationError, Qemu
 
 BOOKWORM = emulation.RELEASES["bookworm"]
 LITERT = emulation.RUNTIMES["ai-edge-litert"]

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model import configlib, idx
-from tests.arm64 import smoke
-from tests.arm64.smoke import SmokeConfig, SmokeError
+from common import configlib
+from model import idx
+from pi import smoke
+from pi.smoke import SmokeConfig, SmokeError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def make_bundle(path: Path, files: dict[str, bytes]) -> Path:
-    """A tar.gz holding `files` (name -> content), like export/pi_bundle.py's output."""
+    """A tar.gz holding `files` (name -> content), like pi/bundle.py's output."""
     with tarfile.open(path, "w:gz") as tar:
         for name, content in files.items():
             info = tarfile.TarInfo(name)

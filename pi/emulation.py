@@ -98,7 +98,7 @@ RELEASES: dict[str, Release] = {
     "trixie": Release("trixie", "3.13"),
 }
 
-# Bundle file names are part of the bundle's fixed interface (export/pi_bundle.py writes them).
+# Bundle file names are part of the bundle's fixed interface (pi/bundle.py writes them).
 RUNTIMES: dict[str, RuntimeSpec] = {
     "ai-edge-litert": RuntimeSpec(
         "ai-edge-litert",

@@ -1,6 +1,6 @@
 """Benchmark the Pi code on this machine: accuracy and latency through the mobile runtime.
 
-    python -m export.bench_mobile [--data-dir ../shared/datasets/mnist]     (make bench-mobile)
+    python -m pi.bench_mobile [--data-dir ../shared/datasets/mnist]     (make bench-mobile)
 
 Writes `artifacts/bench/mobile.json` (and the resolved config beside it):
 
@@ -45,8 +45,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CHUNK = 1000  # pictures per CLI call (keeps the command line short)
@@ -365,7 +365,7 @@ def _photo_1mp(test: Any, seed: int, count: int = 20) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = configlib.parse_config(MobileBenchConfig, argv, prog="python -m export.bench_mobile")
+    config = configlib.parse_config(MobileBenchConfig, argv, prog="python -m pi.bench_mobile")
     try:
         result = run_benchmark(config)
     except (OSError, ValueError, RuntimeError) as err:  # idx.IdxError is a ValueError

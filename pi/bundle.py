@@ -1,7 +1,7 @@
 """Build the Raspberry Pi bundle: one archive to copy to the Pi.
 
-    python -m export.pi_bundle                    (make pi-bundle)
-    python -m export.pi_bundle --model artifacts/tflite/<build>/float32.tflite --out /tmp/pi.tar.gz
+    python -m pi.bundle                    (make pi-bundle)
+    python -m pi.bundle --model artifacts/tflite/<build>/float32.tflite --out /tmp/pi.tar.gz
 
 `artifacts/mnist-pi.tar.gz` holds one folder, `mnist-pi/`:
 
@@ -10,7 +10,7 @@
     samples/                         photos of handwritten digits, <digit>-<kind>.<ext>
     requirements.txt                 ai-edge-litert + numpy 2 + Pillow (requirements/pi.txt)
     requirements-tflite-runtime.txt  tflite-runtime 2.14.0 + numpy 1.26 + Pillow
-    README.md                        install and run on the Pi (export/pi_readme.md + facts)
+    README.md                        install and run on the Pi (pi/pi_readme.md + facts)
     SHA256SUMS                       `sha256sum -c SHA256SUMS` after copying
 
 The samples are synthetic JPEG photos (export/photos.py) of MNIST test digits, one per class,
@@ -41,8 +41,8 @@ import numpy as np
 from PIL import Image
 
 import mobile
-from model import configlib, contract
-from model.configlib import ConfigError, field
+from common import configlib, contract
+from common.configlib import ConfigError, field
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "mnist-pi"
@@ -100,7 +100,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     probability >= SAMPLE_MIN_PROBABILITY.
     """
     from export import photos
-    from export.saved_model import encode_png
+    from export.warmup import encode_png
     from mobile import preprocess
     from mobile.runtime import Classifier
     from model import idx
@@ -147,7 +147,7 @@ def _upscaled_on_paper(digit: np.ndarray) -> np.ndarray:
 
 
 def _readme(config: BundleConfig, model_bytes: bytes) -> str:
-    """export/pi_readme.md plus what this bundle holds (model variant, accuracy, checksum)."""
+    """pi/pi_readme.md plus what this bundle holds (model variant, accuracy, checksum)."""
     text = (Path(__file__).with_name("pi_readme.md")).read_text(encoding="utf-8")
     facts = [f"- model: `{contract.MOBILE_MODEL_FILE}`, {len(model_bytes):,} bytes, sha256 `{hashlib.sha256(model_bytes).hexdigest()[:16]}...`"]
     report_path = Path(config.model).with_name(contract.MOBILE_REPORT_FILE)
@@ -218,7 +218,7 @@ def build_bundle(config: BundleConfig, log: Callable[[str], None] = print) -> Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = configlib.parse_config(BundleConfig, argv, prog="python -m export.pi_bundle")
+    config = configlib.parse_config(BundleConfig, argv, prog="python -m pi.bundle")
     try:
         build_bundle(config)
     except (OSError, ValueError, RuntimeError) as err:

@@ -1,6 +1,6 @@
 """`make pi-smoke`: the Pi bundle under arm64 emulation, checked against the same bundle on x86.
 
-    python -m tests.arm64.smoke [--bundle artifacts/mnist-pi.tar.gz] [--targets A@R,...]
+    python -m pi.smoke [--bundle artifacts/mnist-pi.tar.gz] [--targets A@R,...]
                                 [--digits 300] [--data-dir DIR] [--help for the rest]
 
 1. Unpacks the bundle (one top folder `mnist-pi/`) into a fresh temporary folder and writes
@@ -37,15 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from model import configlib, idx
-from model.configlib import ConfigError, field
-from tests.arm64 import emulation
-from tests.arm64.emulation import EmulationError
+from common import configlib
+from common.configlib import ConfigError, field
+from model import idx
+from pi import emulation
+from pi.emulation import EmulationError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DATA_DIR = REPO_ROOT / "tests" / "data"
 
-# The bundle's fixed layout (written by export/pi_bundle.py).
+# The bundle's fixed layout (written by pi/bundle.py).
 BUNDLE_TOP = "mnist-pi"
 BUNDLE_MODEL = "mnist.tflite"
 BUNDLE_REQUIRED = (
@@ -564,7 +565,7 @@ def summary(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = configlib.parse_config(SmokeConfig, argv, prog="python -m tests.arm64.smoke")
+    config = configlib.parse_config(SmokeConfig, argv, prog="python -m pi.smoke")
     try:
         report = run_smoke(config)
     except (SmokeError, EmulationError) as err:

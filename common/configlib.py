@@ -24,7 +24,7 @@ import shutil
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 C = TypeVar("C")
 
@@ -193,19 +193,34 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     `path` as its filename (see write_failure).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def write(fh: IO[str]) -> None:
+        json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
     with naming_file(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(to_jsonable(payload), fh, indent=2, sort_keys=False)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, write)
+
+
+def write_file_atomic(path: Path, write: Callable[[IO], None], binary: bool = False,
+                      tmp: Path | None = None) -> None:
+    """Write `path` whole or not at all: `write(fh)` fills a temporary file beside it (text,
+    UTF-8, or `binary`), which is flushed, synced to disk and renamed over `path`.
+
+    Any failure removes the temporary file (default `.<name>.tmp-<pid>`), leaves `path` as it
+    was and re-raises; wrap the call in naming_file(path) so that an OSError names the file.
+    """
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +301,35 @@ def remove_leftovers(folder: Path, pattern: str) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+TMP_INFIX = ".tmp-"  # `.<name>.tmp-<pid>`: a file, folder or link being written by process <pid>
+
+
+def point_link_at(link: Path, target: Path, error: type[Exception] = ConfigError) -> None:
+    """Atomically make `link` a relative symlink to `target` (artifacts/mobile, runs/latest).
+
+    The new link is made beside `link` and renamed over it, so readers see the old target or
+    the new one, never neither; leftovers of dead processes are removed first. Raises `error`
+    (the caller's own error type) when `link` is a real file or folder, or when the link
+    cannot be written (the message names the file and the cause; `link` is left as it was).
+    """
+    link = Path(link)
+    if link.exists() and not link.is_symlink():
+        raise error(f"{link} exists and is not a symlink; move it away first")
+    remove_leftovers(link.parent, re.escape(f".{link.name}{TMP_INFIX}") + r"(?P<pid>\d+)")
+    tmp = link.with_name(f".{link.name}{TMP_INFIX}{os.getpid()}")
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        with naming_file(tmp):
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+        with naming_file(link):
+            os.replace(tmp, link)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        before = f"still points at {os.readlink(link)}" if link.is_symlink() else "was not made"
+        raise error(f"cannot point {link} at {target}: {write_failure(err)}; {link} {before}") from err
 
 
 def pid_alive(pid: int) -> bool:
