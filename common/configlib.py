@@ -228,6 +228,22 @@ def write_file_atomic(path: Path, write: Callable[[IO], None], binary: bool = Fa
 # --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock(2) on `lock_file` (created with its folder if absent) for the
+    block: processes entering with the same file wait in turn. Released on exit, and by the
+    kernel when the holder dies. Raises OSError when the file cannot be opened."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def naming_file(path: Path) -> Iterator[None]:
     """Give an OSError raised in the block `path` as its filename when it names none.
 

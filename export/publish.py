@@ -14,7 +14,6 @@ removes the temporary folder and raises ExportError naming the file and the caus
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -49,13 +48,8 @@ def next_version(model_dir: Path) -> int:
 @contextlib.contextmanager
 def publish_lock(model_dir: Path) -> Iterator[None]:
     """Serialise publishers of one model folder (two exports never pick the same number)."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with open(model_dir / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with configlib.exclusive_lock(model_dir / LOCK_FILE):
+        yield
 
 
 def fsync_path(path: Path) -> None:

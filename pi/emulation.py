@@ -25,7 +25,6 @@ third-party package.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
+
+from common import configlib
 
 INSTALL_HINT = "install it as root with .ci/install-pi-tools"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -161,13 +162,8 @@ def find_qemu(name: str = "qemu-aarch64", cpu: str = DEFAULT_QEMU_CPU) -> Qemu:
 @contextlib.contextmanager
 def _locked(cache_dir: Path, name: str) -> Iterator[None]:
     """Hold an exclusive lock on cache entry `name` (two builds of one entry wait in turn)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with configlib.exclusive_lock(cache_dir / f".{name}.lock"):
+        yield
 
 
 def _remove_tree(path: Path) -> None:
