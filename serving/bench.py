@@ -23,7 +23,7 @@ after, and the CPU per request, so numbers from a busy machine can be read for w
 The targets of the issue are evaluated in "targets" (reported, never asserted).
 
 The picture section (`--pictures` per kind, 0 skips it; measure_pictures) sends synthetic
-pictures of every kind (export/photos.py) to serving_bytes over REST and gRPC and through the
+pictures of every kind (model/pictures.py) to serving_bytes over REST and gRPC and through the
 client CLI's two predict paths (pixels preprocessed on the client, and --bytes), and records
 per kind and path the accuracy, the refusals, and whether the model saw the same 28x28
 picture as the Pi's preprocessing makes (mnist_image, within the parity tolerance of
@@ -75,7 +75,7 @@ class BenchConfig:
     server_args: str = field("", "extra flags for python -m serving.server (one string)")
     pictures: int = field(1000, "picture section: synthetic pictures per kind through serving_bytes (0 skips it)")
     picture_kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"),
-                                           "picture section: kinds of picture (export/photos.py)")
+                                           "picture section: kinds of picture (model/pictures.py)")
     picture_latency_runs: int = field(200, "picture section: requests timed for the 1-megapixel JPEG photo")
 
     def validate(self) -> None:
@@ -528,7 +528,7 @@ def measure_pictures(server: Any, config: BenchConfig, log: Any = print) -> dict
     """The picture section of the report (see the module docstring): per kind and path,
     accuracy, refusals and agreement with the Pi's 28x28 pictures, then the 1-megapixel JPEG
     latency. `server` is a started LocalServerProcess."""
-    from export import photos
+    from model.pictures import synthesize_kind
     from mobile import preprocess
     from model import idx
     from serving.client import RestClient
@@ -543,7 +543,7 @@ def measure_pictures(server: Any, config: BenchConfig, log: Any = print) -> dict
         raw = np.concatenate([rest.predict(digits[i : i + 256]).digits for i in range(0, count, 256)])
         raw_accuracy = float((raw == truth).mean())
         for kind in config.picture_kinds:
-            pictures = [p.data for p in photos.synthesize_kind(kind, digits, seed=0)]
+            pictures = [p.data for p in synthesize_kind(kind, digits, seed=0)]
             pi = []
             for data in pictures:
                 try:
@@ -656,9 +656,9 @@ def _pixels_path(client: Any, pi: list, truth: np.ndarray) -> dict[str, Any]:
 def _photo_1mp_latency(rest: Any, grpc_client: Any, digit: np.ndarray, config: BenchConfig) -> dict[str, Any]:
     """p50/p99 of one 1-megapixel (1155 x 866) JPEG photo through serving_bytes, one client,
     after 10 untimed requests."""
-    from export import photos
+    from model.pictures import synthesize_photo
 
-    photo = photos.synthesize_photo(digit, np.random.default_rng(1), size=(866, 1155), jpeg=True)
+    photo = synthesize_photo(digit, np.random.default_rng(1), size=(866, 1155), jpeg=True)
     out: dict[str, Any] = {"size": [866, 1155], "bytes": len(photo.data), "load_average_before": list(os.getloadavg())}
     for name, client in (("rest", rest), ("grpc", grpc_client)):
         for _ in range(10):
