@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CHUNK = 1000  # pictures per CLI call (keeps the command line short)
@@ -58,12 +58,12 @@ class MobileBenchConfig:
 
     models_dir: Path = field(Path("artifacts/mobile"), "folder with the TFLite variants, mnist.tflite, labels.txt, report.json")
     data_dir: Path | None = field(None, "MNIST IDX folder (default: tests/data, 1,000 test digits)")
-    pictures: int = field(1000, "synthetic pictures of each kind, made from the first test digits")
+    pictures: int = field(1000, "synthetic pictures of each kind, made from the first test digits", at_least=1)
     kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"), "kinds of picture (model/pictures.py)")
     parity: bool = field(True, "compare with the TensorFlow graph of serving_bytes (needs TensorFlow)")
     seed: int = field(0, "seed of the synthetic photos")
-    latency_runs: int = field(2000, "single-picture runs of the CLI benchmark")
-    threads: int = field(1, "interpreter threads")
+    latency_runs: int = field(2000, "single-picture runs of the CLI benchmark", at_least=1)
+    threads: int = field(1, "interpreter threads", at_least=1)
     tflite_runtime_python: Path | None = field(
         Path(".venv-tflite-runtime/bin/python"), "Python with tflite-runtime 2.14.0 for the second runtime ('none' skips)"
     )
@@ -72,8 +72,7 @@ class MobileBenchConfig:
     def validate(self) -> None:
         if not (Path(self.models_dir) / contract.MOBILE_MODEL_FILE).is_file():
             raise ConfigError(f"--models-dir {self.models_dir}: no {contract.MOBILE_MODEL_FILE} there. Run make train / make export first.")
-        if self.pictures < 1 or self.latency_runs < 1 or self.threads < 1:
-            raise ConfigError("--pictures, --latency-runs and --threads must be >= 1")
+        check_bounds(self)
         from model.pictures import KINDS
 
         unknown = set(self.kinds) - set(KINDS)

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 from mobile.runtime import latency_stats
 from serving import json_tensor as jt
 from serving.client import DEFAULT_MAX_BATCH_SIZE, request_slices
@@ -67,30 +67,27 @@ class BenchConfig:
     protocols: tuple[str, ...] = field(("rest", "grpc"), "protocols to measure")
     batch_sizes: tuple[int, ...] = field((1, 64), "images per prediction (more than --max-batch-size go as several requests)")
     concurrency: tuple[int, ...] = field((1, 8, 32), "concurrent clients")
-    rounds: int = field(3, "times the whole grid is measured (interleaved); cells report medians over them")
-    duration: float = field(4.0, "measured seconds per scenario")
-    warmup: float = field(1.0, "unmeasured seconds before each scenario")
+    rounds: int = field(3, "times the whole grid is measured (interleaved); cells report medians over them",
+                        at_least=1)
+    duration: float = field(4.0, "measured seconds per scenario", above=0)
+    warmup: float = field(1.0, "unmeasured seconds before each scenario", at_least=0)
     timeout: float = field(30.0, "per-prediction timeout in seconds")
-    max_batch_size: int = field(DEFAULT_MAX_BATCH_SIZE, "most images per request (the server's batching max_batch_size)")
+    max_batch_size: int = field(DEFAULT_MAX_BATCH_SIZE, "most images per request (the server's batching max_batch_size)",
+                                at_least=1)
     server_args: str = field("", "extra flags for python -m serving.server (one string)")
-    pictures: int = field(1000, "picture section: synthetic pictures per kind through serving_bytes (0 skips it)")
+    pictures: int = field(1000, "picture section: synthetic pictures per kind through serving_bytes (0 skips it)",
+                          at_least=0)
     picture_kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"),
                                            "picture section: kinds of picture (model/pictures.py)")
-    picture_latency_runs: int = field(200, "picture section: requests timed for the 1-megapixel JPEG photo")
+    picture_latency_runs: int = field(200, "picture section: requests timed for the 1-megapixel JPEG photo",
+                                      at_least=1)
 
     def validate(self) -> None:
         if set(self.protocols) - {"rest", "grpc"}:
             raise ConfigError(f"--protocols takes rest and/or grpc, got {self.protocols}")
         if any(b < 1 for b in self.batch_sizes) or any(c < 1 for c in self.concurrency):
             raise ConfigError("batch sizes and concurrency must be >= 1")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.duration <= 0 or self.warmup < 0:
-            raise ConfigError("--duration must be > 0 and --warmup >= 0")
-        if self.pictures < 0 or self.picture_latency_runs < 1:
-            raise ConfigError("--pictures must be >= 0 and --picture-latency-runs >= 1")
+        check_bounds(self)
 
 
 # --------------------------------------------------------------------------------------------

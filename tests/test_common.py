@@ -55,6 +55,8 @@ class Bounded:
     wait_ms: float = field(2.0, "a window", at_least=0, at_most=1000)
     share: float = field(0.5, "a fraction above zero", above=0, at_most=1)
     limit: int = field(0, "0 = none", at_least=0, bounds_note="0 = none")
+    dropout: float = field(0.0, "a fraction below one", at_least=0, below=1)
+    ceiling: int = field(3, "at most nine", at_most=9)
     optional: int | None = field(None, "unset is not checked", at_least=1)
 
 
@@ -66,6 +68,8 @@ class Bounded:
     ({"share": 0.0}, "--share must be in (0, 1], got 0.0"),
     ({"limit": -5}, "--limit must be >= 0 (0 = none), got -5"),
     ({"optional": 0}, "--optional must be >= 1, got 0"),
+    ({"dropout": 1.0}, "--dropout must be in [0, 1), got 1.0"),
+    ({"ceiling": 10}, "--ceiling must be <= 9, got 10"),
     ({"count": 0, "limit": -5}, "--count must be >= 1, got 0"),  # the first in declaration order
 ])
 def test_check_bounds_names_the_setting_its_bound_and_the_value(changes, message):
@@ -75,7 +79,8 @@ def test_check_bounds_names_the_setting_its_bound_and_the_value(changes, message
 
 
 def test_values_on_the_bounds_and_unset_optionals_pass():
-    check_bounds(Bounded(count=1, timeout=1e-9, wait_ms=0.0, share=1.0, limit=0, optional=None))
+    check_bounds(Bounded(count=1, timeout=1e-9, wait_ms=0.0, share=1.0, limit=0, optional=None,
+                         dropout=0.999, ceiling=9))
     check_bounds(Bounded(wait_ms=1000.0))
 
 
