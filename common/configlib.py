@@ -2,8 +2,10 @@
 
 Each stage (train, export, serve) declares a frozen dataclass whose fields are its settings,
 with a `help` string in each field's metadata. `parse_config(Config, argv)` turns the fields
-into `--kebab-case` flags (argparse rejects unknown flags and badly typed values), runs the
-dataclass' own `validate()` if it has one, and returns the resolved config. `save_config`
+into `--kebab-case` flags (argparse rejects unknown flags and badly typed values), checks the
+bounds the fields declare (`field(..., at_least=1)`: check_bounds, one rule and one message
+for every number setting), runs the dataclass' own `validate()` if it has one (which calls
+check_bounds too, for configs made in code), and returns the resolved config. `save_config`
 writes it as JSON beside what the stage produced.
 
 Pure Python: the REST client and the local server's argument parsing import it without
@@ -33,13 +35,59 @@ class ConfigError(ValueError):
     """A setting has a value the stage cannot use; the message names the flag."""
 
 
-def field(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with its help text (shown by --help) kept in metadata."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+BOUNDS = ("at_least", "above", "at_most", "below")  # >=, >, <=, <
+
+
+def field(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,  # noqa: A002
+          at_most: float | None = None, below: float | None = None, bounds_note: str | None = None,
+          **kwargs: Any) -> Any:
+    """A dataclass field with its help text (shown by --help) kept in metadata.
+
+    `at_least` (>=), `above` (>), `at_most` (<=) and `below` (<) declare the values a number
+    setting accepts; check_bounds() enforces them, naming the flag. `bounds_note` is said
+    beside the bound in the error ("0 = none" gives "must be >= 0 (0 = none), got -5").
+    """
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below,
+              "bounds_note": bounds_note}
+    return dataclasses.field(default=default, metadata={
+        "help": help, **{key: value for key, value in bounds.items() if value is not None}, **kwargs})
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _bounds_text(at_least: Any, above: Any, at_most: Any, below: Any) -> str:
+    """'>= 1', '> 0', '<= 9', '< 1', or an interval: 'in [0, 1000]', 'in (0, 1]', 'in [0, 1)'."""
+    low = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else None
+    high = f"{at_most}]" if at_most is not None else f"{below})" if below is not None else None
+    if low is not None and high is not None:
+        return f"in {low}, {high}"
+    if low is not None:
+        return f">= {at_least}" if at_least is not None else f"> {above}"
+    return f"<= {at_most}" if at_most is not None else f"< {below}"
+
+
+def check_bounds(config: Any, error: type[Exception] = ConfigError,
+                 name: Callable[[str], str] = _flag) -> None:
+    """Check every field of the dataclass instance `config` against the bounds its field
+    declares (field(..., at_least=, above=, at_most=, below=)); a None value (an optional
+    setting left unset) is not checked.
+
+    Raises `error` for the first field out of bounds, in declaration order:
+    "<name> must be >= 1, got 0", where `name(field_name)` is what the user wrote (default:
+    the --flag; a config file's reader passes its own, e.g. "file: max_batch_size").
+    """
+    for f in dataclasses.fields(config):
+        at_least, above, at_most, below = (f.metadata.get(key) for key in BOUNDS)
+        value = getattr(config, f.name)
+        if value is None or all(f.metadata.get(key) is None for key in BOUNDS):
+            continue
+        if ((at_least is not None and value < at_least) or (above is not None and value <= above)
+                or (at_most is not None and value > at_most) or (below is not None and value >= below)):
+            note = f" ({f.metadata['bounds_note']})" if "bounds_note" in f.metadata else ""
+            bounds = _bounds_text(at_least, above, at_most, below)
+            raise error(f"{name(f.name)} must be {bounds}{note}, got {value}")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -157,6 +205,7 @@ def parse_config(
     values = {**overrides, **vars(namespace)}
     try:
         config = config_cls(**values)
+        check_bounds(config)
         validate = getattr(config, "validate", None)
         if validate is not None:
             validate()
@@ -168,6 +217,7 @@ def parse_config(
 def replace(config: C, **changes: Any) -> C:
     """dataclasses.replace that also re-runs validate()."""
     new = dataclasses.replace(config, **changes)
+    check_bounds(new)
     validate = getattr(new, "validate", None)
     if validate is not None:
         validate()

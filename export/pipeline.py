@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 
 # Exit statuses of `python -m export` (README, "Export"): 0 everything was published; 1 the
 # export failed and nothing new was published (a bad run, bad data, a full disk: the one
@@ -37,21 +37,22 @@ class ExportConfig:
     run: Path = field(Path("artifacts/runs/latest"), "run folder to export (holds model.keras)")
     serving_base: Path = field(Path("artifacts/serving"), "TF Serving model base path")
     model_name: str = field(contract.MODEL_NAME, "model name (folder under the base path)")
-    version: int | None = field(None, "version number to publish (default: the next one)")
-    min_accuracy: float = field(0.97, "quality gate: lowest test accuracy allowed")
+    version: int | None = field(None, "version number to publish (default: the next one)", at_least=1)
+    min_accuracy: float = field(0.97, "quality gate: lowest test accuracy allowed", at_least=0, at_most=1)
     max_regression: float = field(
-        0.002, "quality gate: largest accuracy drop allowed vs the published version (0.002 = 0.2 points)"
+        0.002, "quality gate: largest accuracy drop allowed vs the published version (0.002 = 0.2 points)",
+        at_least=0, at_most=1,
     )
     force: bool = field(False, "publish even when the quality gate refuses")
     data_dir: Path | None = field(None, "IDX folder for the test set (default: the run's own data source)")
-    parity_images: int = field(1000, "test images on which the SavedModel must match Keras")
+    parity_images: int = field(1000, "test images on which the SavedModel must match Keras", at_least=1)
     cli_check: bool = field(True, "check the SavedModel with saved_model_cli show/run")
     saved_model: bool = field(True, "publish the SavedModel")
     tflite: bool = field(True, "build the TFLite variants")
     tflite_builds: Path = field(Path("artifacts/tflite"), "folder of TFLite builds, one per export")
     mobile_dir: Path = field(Path("artifacts/mobile"), "symlink to the newest TFLite build")
-    calibration_images: int = field(500, "training images that calibrate the int8 variant")
-    latency_runs: int = field(2000, "single-image runs per variant for the latency figures")
+    calibration_images: int = field(500, "training images that calibrate the int8 variant", at_least=1)
+    latency_runs: int = field(2000, "single-image runs per variant for the latency figures", at_least=1)
     tflite_runtime_python: Path | None = field(
         Path(".venv-tflite-runtime/bin/python"),
         "Python of the tflite-runtime 2.14.0 venv, to check that runtime ('none' skips)",
@@ -65,14 +66,9 @@ class ExportConfig:
             )
         if not (Path(self.run) / contract.RUN_METRICS_FILE).is_file():
             raise ConfigError(f"--run {self.run}: no {contract.RUN_METRICS_FILE}; the run did not finish")
-        if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 <= self.max_regression <= 1.0:
-            raise ConfigError("--min-accuracy and --max-regression are fractions in [0, 1]")
-        if self.version is not None and self.version < 1:
-            raise ConfigError(f"--version must be a positive integer, got {self.version}")
+        check_bounds(self)
         if not self.saved_model and not self.tflite:
             raise ConfigError("nothing to do: both --no-saved-model and --no-tflite were given")
-        if self.parity_images < 1 or self.calibration_images < 1 or self.latency_runs < 1:
-            raise ConfigError("--parity-images, --calibration-images and --latency-runs must be >= 1")
 
 
 @dataclass

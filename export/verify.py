@@ -62,7 +62,7 @@ def verify_parity(saved_model_dir: Path, keras_probs: np.ndarray, images: np.nda
     signature gives the same digits on the same images sent as 28x28 PNG (lossless) and hands
     them back unchanged as mnist_image; and that its in-graph preprocessing makes the same
     28x28 pictures as the Pi's (mobile/preprocess.py) from synthetic pictures of every kind
-    (export/photos.py), within PICTURE_PARITY_MAX_MEAN_DIFF grey levels each.
+    (model/pictures.py), within PICTURE_PARITY_MAX_MEAN_DIFF grey levels each.
     Raises ExportError otherwise. Returns the measured numbers.
     """
     import tensorflow as tf
@@ -126,12 +126,12 @@ def picture_parity(serve_bytes: Callable, digits: np.ndarray, seed: int = 0) -> 
     than PICTURE_PARITY_MAX_MEAN_DIFF, or when only one of the two refuses a picture."""
     import tensorflow as tf
 
-    from export import photos
+    from model.pictures import KINDS, synthesize_kind
     from mobile import preprocess
 
     worst, count = 0.0, 0
-    for kind in photos.KINDS:
-        for photo in photos.synthesize_kind(kind, digits, seed=seed):
+    for kind in KINDS:
+        for photo in synthesize_kind(kind, digits, seed=seed):
             try:
                 pi = preprocess.picture_to_mnist(photo.data)
             except preprocess.PictureError as err:
@@ -151,7 +151,7 @@ def picture_parity(serve_bytes: Callable, digits: np.ndarray, seed: int = 0) -> 
                                   f"from the Pi's preprocessing by {difference:.2f} grey levels on average "
                                   f"(allowed {PICTURE_PARITY_MAX_MEAN_DIFF})")
             worst, count = max(worst, difference), count + 1
-    return {"pictures": count, "max_mean_abs_diff": worst, "kinds": list(photos.KINDS)}
+    return {"pictures": count, "max_mean_abs_diff": worst, "kinds": list(KINDS)}
 
 
 def _outcome(result: Any) -> str:

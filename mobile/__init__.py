@@ -12,8 +12,8 @@ TensorFlow and never the rest of the kit (tests/test_dependencies.py checks both
 
 The development-machine side of the Pi lives in pi/: `pi/bundle.py` builds the archive,
 `pi/bench_mobile.py` measures this package (`make bench-mobile`), `pi/smoke.py` runs the
-bundle on emulated arm64 Raspberry Pi OS (`make pi-smoke`); `export/photos.py` makes the
-synthetic photos of digits they and the export's checks use.
+bundle on emulated arm64 Raspberry Pi OS (`make pi-smoke`); `model/pictures.py` makes the
+synthetic pictures of digits they and the export's checks use.
 
 Importing this package imports nothing.
 """

@@ -111,20 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> ClassifyConfig:
     """Command line -> validated ClassifyConfig; bad usage exits with status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    config = ClassifyConfig(
-        model=args.model,
-        pictures=tuple(args.pictures),
-        labels=args.labels,
-        threads=args.threads,
-        runtime=args.runtime,
-        json=args.json,
-        top=args.top,
-        benchmark=args.benchmark,
-        camera=args.camera,
-        preprocess=args.preprocess,
-    )
+    flags = vars(parser.parse_args(argv))  # each flag's dest is a field of ClassifyConfig
     try:
+        config = ClassifyConfig(**{**flags, "pictures": tuple(flags["pictures"])})
         config.validate()
     except ValueError as err:
         parser.error(str(err))

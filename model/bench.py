@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common import configlib
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 
 TARGET_ACCURACY = 0.993
 TARGET_TRAIN_SECONDS = 300.0
@@ -54,9 +54,10 @@ class BenchTrainConfig:
     epochs: int | None = field(None, "override the default epochs (default: the training default)")
     validation_size: int | None = field(None, "override the validation size (small data sets)")
     jit_compile: Literal["auto", "on", "off"] | None = field(None, "override the training's XLA setting")
-    pipeline_epochs: int = field(3, "epochs over the tf.data pipeline alone")
-    xla_steps: int = field(200, "timed steps per XLA/steps_per_execution setting (0 skips)")
-    compare_epochs: int = field(6, "epochs of each framework in the PyTorch comparison (0 skips it)")
+    pipeline_epochs: int = field(3, "epochs over the tf.data pipeline alone", at_least=1)
+    xla_steps: int = field(200, "timed steps per XLA/steps_per_execution setting (0 skips)", at_least=0)
+    compare_epochs: int = field(6, "epochs of each framework in the PyTorch comparison (0 skips it)",
+                                at_least=0)
     torch_python: Path = field(
         REPO / ".venv-torch" / "bin" / "python", "Python of the PyTorch environment (make setup-torch)"
     )
@@ -71,8 +72,7 @@ class BenchTrainConfig:
     def validate(self) -> None:
         if not self.seeds:
             raise ConfigError("--seeds needs at least one seed")
-        if self.pipeline_epochs < 1 or self.xla_steps < 0 or self.compare_epochs < 0:
-            raise ConfigError("--pipeline-epochs must be >= 1, --xla-steps and --compare-epochs >= 0")
+        check_bounds(self)
         if self.compare_epochs == 1:
             raise ConfigError("--compare-epochs must be 0 (skip) or >= 2: the first epoch of each is warm-up")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 from model import cluster
 
 
@@ -37,7 +37,7 @@ class MultiworkerBenchConfig:
     seeds: tuple[int, ...] = field((1, 2, 3), "seeds, comma-separated: one run of each kind per seed")
     one_worker_seeds: tuple[int, ...] = field(
         (), "more seeds run with one worker only: a wider seed spread at a small cost")
-    workers: int = field(2, "worker processes of the multi-worker runs")
+    workers: int = field(2, "worker processes of the multi-worker runs", at_least=2)
     train_args: str = field("", "more flags for python -m model.train (both kinds), e.g. '--epochs 10'")
     runs: Path = field(Path("artifacts/bench/multiworker-runs"), "parent folder of the runs")
     out: Path = field(Path("artifacts/bench/multiworker.json"), "JSON report")
@@ -45,8 +45,7 @@ class MultiworkerBenchConfig:
     def validate(self) -> None:
         if not self.seeds:
             raise ConfigError("--seeds needs at least one seed")
-        if self.workers < 2:
-            raise ConfigError(f"--workers must be >= 2, got {self.workers}")
+        check_bounds(self)
 
 
 def _free_ports(count: int) -> list[int]:

@@ -194,14 +194,13 @@ class TfConfigRequest:
     """Print the TF_CONFIG of one worker of N whose addresses follow a pattern (an Indexed
     Job's pods: `<job>-<index>.<headless service>`)."""
 
-    workers: int = configlib.field(0, "number of workers (the Job's completions)")
+    workers: int = configlib.field(0, "number of workers (the Job's completions)", at_least=1)
     index: int = configlib.field(-1, "this worker's index (the pod's JOB_COMPLETION_INDEX)")
     host: str = configlib.field("", "host name pattern with {index}, e.g. mnist-train-{index}.mnist-train")
     port: int = configlib.field(2222, "port every worker listens on")
 
     def validate(self) -> None:
-        if self.workers < 1:
-            raise configlib.ConfigError(f"--workers must be >= 1, got {self.workers}")
+        configlib.check_bounds(self)
         if not 0 <= self.index < self.workers:
             raise configlib.ConfigError(f"--index {self.index} is not in 0-{self.workers - 1}")
         if "{index}" not in self.host:

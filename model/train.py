@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 from model import cluster
 
 EXIT_INTERRUPTED = 130  # like a shell's exit status after Ctrl-C
@@ -55,31 +55,33 @@ class TrainConfig:
         None, "folder with the four MNIST IDX files (.gz or not); default: TFDS 'mnist'"
     )
     tfds_dir: Path | None = field(None, "TFDS data folder (default ~/tensorflow_datasets)")
-    validation_size: int = field(5000, "training images held out (from the end) for validation")
+    validation_size: int = field(5000, "training images held out (from the end) for validation", at_least=1)
     # --- model ----------------------------------------------------------------------------
     hidden_units: tuple[int, ...] = field((800, 256), "hidden layer widths, comma-separated")
-    dropout: float = field(0.1, "dropout after each hidden layer")
-    input_dropout: float = field(0.0, "dropout on the input pixels")
+    dropout: float = field(0.1, "dropout after each hidden layer", at_least=0, below=1)
+    input_dropout: float = field(0.0, "dropout on the input pixels", at_least=0, below=1)
     batch_norm: bool = field(True, "BatchNormalization in each hidden layer")
     # --- optimisation ---------------------------------------------------------------------
-    epochs: int = field(60, "epochs: the length of the learning-rate schedule")
-    batch_size: int = field(128, "global batch size (split across replicas)")
-    learning_rate: float = field(2e-3, "peak learning rate (AdamW, warm-up then cosine decay)")
-    warmup_epochs: float = field(1.0, "linear learning-rate warm-up, in epochs")
-    weight_decay: float = field(1e-4, "AdamW decoupled weight decay")
+    epochs: int = field(60, "epochs: the length of the learning-rate schedule", at_least=1)
+    batch_size: int = field(128, "global batch size (split across replicas)", at_least=1)
+    learning_rate: float = field(2e-3, "peak learning rate (AdamW, warm-up then cosine decay)", above=0)
+    warmup_epochs: float = field(1.0, "linear learning-rate warm-up, in epochs", at_least=0)
+    weight_decay: float = field(1e-4, "AdamW decoupled weight decay", at_least=0)
     patience: int | None = field(
         None, "early stopping: stop after this many epochs without validation improvement; "
-        "default: never stop early (the schedule runs out; the best epoch's weights are kept)"
+        "default: never stop early (the schedule runs out; the best epoch's weights are kept)",
+        at_least=0,
     )
     # --- augmentation (training pipeline only; never at inference) ---------------------------
     augment: bool = field(True, "distort training images (the affine and elastic settings below)")
-    max_rotation: float = field(10.0, "augmentation: maximum rotation in degrees")
-    max_shift: float = field(2.0, "augmentation: maximum shift in pixels")
-    max_scale: float = field(0.1, "augmentation: maximum relative scale change")
+    max_rotation: float = field(10.0, "augmentation: maximum rotation in degrees", at_least=0)
+    max_shift: float = field(2.0, "augmentation: maximum shift in pixels", at_least=0)
+    max_scale: float = field(0.1, "augmentation: maximum relative scale change", at_least=0, below=1)
     elastic_alpha: float = field(
-        20.0, "elastic distortion scale in pixels (Simard et al., ICDAR 2003; 0 disables it)"
+        20.0, "elastic distortion scale in pixels (Simard et al., ICDAR 2003; 0 disables it)",
+        at_least=0,
     )
-    elastic_sigma: float = field(4.0, "elastic distortion smoothness: Gaussian std in pixels")
+    elastic_sigma: float = field(4.0, "elastic distortion smoothness: Gaussian std in pixels", above=0)
     # --- calibration ----------------------------------------------------------------------
     calibrate: Literal["auto", "on", "off"] = field(
         "auto", "temperature scaling fitted on the validation split: auto = when its ECE > 0.02"
@@ -90,16 +92,18 @@ class TrainConfig:
         "none", "tf.distribute strategy: none, mirrored (all local GPUs) or multiworker (TF_CONFIG)"
     )
     cpu_devices: int = field(
-        1, "split the CPU into N logical devices (lets --strategy mirrored run without GPUs)"
+        1, "split the CPU into N logical devices (lets --strategy mirrored run without GPUs)", at_least=1
     )
     cluster_timeout: float = field(
-        120.0, "multiworker: seconds to wait for every worker to join (and answer) before failing"
+        120.0, "multiworker: seconds to wait for every worker to join (and answer) before failing",
+        above=0,
     )
     jit_compile: Literal["auto", "on", "off"] = field(
         "auto", "XLA-compiled training step: auto = on (off under --strategy with several replicas on the CPU)"
     )
-    steps_per_execution: int = field(32, "at most this many training steps per tf.function call")
-    threads: int = field(0, "threads of the training step (TF intra-op); 0 = one per physical core")
+    steps_per_execution: int = field(32, "at most this many training steps per tf.function call", at_least=1)
+    threads: int = field(0, "threads of the training step (TF intra-op); 0 = one per physical core",
+                         at_least=0, bounds_note="0: one per physical core")
     require_gpu: bool = field(False, "exit with status 3 before training when no GPU is usable")
     mixed_precision: bool = field(True, "mixed_float16 where it pays (GPU compute capability >= 7.0)")
     # --- output ---------------------------------------------------------------------------
@@ -115,32 +119,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        if self.threads < 0:
-            raise ConfigError(f"--threads must be >= 0 (0: one per physical core), got {self.threads}")
-        positive = {
-            "epochs": self.epochs, "batch_size": self.batch_size,
-            "validation_size": self.validation_size, "steps_per_execution": self.steps_per_execution,
-            "cpu_devices": self.cpu_devices,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.cluster_timeout <= 0:
-            raise ConfigError(f"--cluster-timeout must be > 0 seconds, got {self.cluster_timeout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if (self.patience or 0) < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ConfigError("--patience, --warmup-epochs and --weight-decay must be >= 0")
-        for name in ("dropout", "input_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
-        if min(self.max_rotation, self.max_shift, self.max_scale, self.elastic_alpha) < 0 or (
-            self.max_scale >= 1 or self.elastic_sigma <= 0
-        ):
-            raise ConfigError(
-                "--max-rotation, --max-shift, --elastic-alpha must be >= 0, --max-scale in [0, 1) "
-                "and --elastic-sigma > 0"
-            )
+        check_bounds(self)  # the bounds declared on the fields above
         if not self.hidden_units or min(self.hidden_units) < 1:
             raise ConfigError(f"--hidden-units must be positive widths, got {self.hidden_units}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():

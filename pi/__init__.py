@@ -6,6 +6,6 @@ mobile/ ships, never shipped themselves.
 - `emulation`    arm64 Raspberry Pi OS userlands (mmdebstrap) and wheels, run under qemu-user.
 - `smoke`        `make pi-smoke`: the bundle installed and run in those userlands.
 
-They may import common/, model/ (the IDX reader), export/ (synthetic photos, PNG encoding) and
+They may import common/, model/ (the IDX reader, synthetic pictures), export/ (PNG encoding) and
 mobile/, never serving/ or tests/ (tests/test_dependencies.py checks it).
 """

@@ -11,7 +11,7 @@ Writes `artifacts/bench/mobile.json` (and the resolved config beside it):
   mobile.classify --json` on the test digits written as 28x28 PNGs, so decoding and the
   MNIST pass-through are included), once per runtime: ai-edge-litert from this Python,
   tflite-runtime from `--tflite-runtime-python` when that venv exists.
-- `pictures`: per kind of picture (export/photos.py: photo, canvas, chalk, tight, thinpen,
+- `pictures`: per kind of picture (model/pictures.py: photo, canvas, chalk, tight, thinpen,
   mnist), `--pictures` synthetic pictures made from the first test digits, written as files:
   accuracy through the real CLI (the Pi's whole path: file, header, decode, preprocessing,
   model) with the recommended model, refusals, and in process per variant: accuracy of the
@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CHUNK = 1000  # pictures per CLI call (keeps the command line short)
@@ -58,12 +58,12 @@ class MobileBenchConfig:
 
     models_dir: Path = field(Path("artifacts/mobile"), "folder with the TFLite variants, mnist.tflite, labels.txt, report.json")
     data_dir: Path | None = field(None, "MNIST IDX folder (default: tests/data, 1,000 test digits)")
-    pictures: int = field(1000, "synthetic pictures of each kind, made from the first test digits")
-    kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"), "kinds of picture (export/photos.py)")
+    pictures: int = field(1000, "synthetic pictures of each kind, made from the first test digits", at_least=1)
+    kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"), "kinds of picture (model/pictures.py)")
     parity: bool = field(True, "compare with the TensorFlow graph of serving_bytes (needs TensorFlow)")
     seed: int = field(0, "seed of the synthetic photos")
-    latency_runs: int = field(2000, "single-picture runs of the CLI benchmark")
-    threads: int = field(1, "interpreter threads")
+    latency_runs: int = field(2000, "single-picture runs of the CLI benchmark", at_least=1)
+    threads: int = field(1, "interpreter threads", at_least=1)
     tflite_runtime_python: Path | None = field(
         Path(".venv-tflite-runtime/bin/python"), "Python with tflite-runtime 2.14.0 for the second runtime ('none' skips)"
     )
@@ -72,9 +72,8 @@ class MobileBenchConfig:
     def validate(self) -> None:
         if not (Path(self.models_dir) / contract.MOBILE_MODEL_FILE).is_file():
             raise ConfigError(f"--models-dir {self.models_dir}: no {contract.MOBILE_MODEL_FILE} there. Run make train / make export first.")
-        if self.pictures < 1 or self.latency_runs < 1 or self.threads < 1:
-            raise ConfigError("--pictures, --latency-runs and --threads must be >= 1")
-        from export.photos import KINDS
+        check_bounds(self)
+        from model.pictures import KINDS
 
         unknown = set(self.kinds) - set(KINDS)
         if unknown or not self.kinds:
@@ -123,7 +122,7 @@ def _runtimes(config: MobileBenchConfig) -> dict[str, Path]:
 
 def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything the module docstring lists; returns the JSON-ready result."""
-    from export import photos
+    from model.pictures import synthesize_photo
     from mobile.runtime import Classifier, ModelError
     from model import idx
 
@@ -203,7 +202,7 @@ def run_benchmark(config: MobileBenchConfig, log: Callable[[str], None] = print)
         # 4. CLI latency with one thread, per runtime, on a sample photo (JPEG).
         photo = next((p for p in made.get("photo", []) if p.format == "jpeg"), None)
         if photo is None:
-            photo = photos.synthesize_photo(test.images[0], np.random.default_rng(config.seed), jpeg=True)
+            photo = synthesize_photo(test.images[0], np.random.default_rng(config.seed), jpeg=True)
         sample = tmp_dir / f"sample.{photo.extension}"
         sample.write_bytes(photo.data)
         latency = {}
@@ -237,12 +236,12 @@ def _graph_preprocessing() -> Callable[[bytes], np.ndarray | str]:
 def _measure_kind(kind: str, test: Any, count: int, config: MobileBenchConfig, classifiers: dict[str, Any],
                   recommended: Path, tmp_dir: Path, graph: Callable | None, log: Callable[[str], None]) -> tuple[dict[str, Any], list]:
     """One kind's entry of `pictures` (see the module docstring) and the pictures made."""
-    from export import photos
+    from model.pictures import synthesize_kind
     from mobile import preprocess
     from mobile.classify import percentiles_us
 
     digits, truth = test.images[:count], test.labels[:count]
-    pictures = photos.synthesize_kind(kind, digits, seed=config.seed)
+    pictures = synthesize_kind(kind, digits, seed=config.seed)
     folder = tmp_dir / kind
     folder.mkdir()
     names = []
@@ -346,12 +345,12 @@ def _cases(model: Path) -> dict[str, Any]:
 
 def _photo_1mp(test: Any, seed: int, count: int = 20) -> dict[str, Any]:
     """Decode + preprocessing of 1-megapixel (1155 x 866) JPEG photos, after one untimed run each."""
-    from export import photos
+    from model.pictures import synthesize_photo
     from mobile import preprocess
     from mobile.classify import percentiles_us
 
     rng = np.random.default_rng([seed, 1])
-    pictures = [photos.synthesize_photo(d, rng, size=(866, 1155), jpeg=True) for d in test.images[:count]]
+    pictures = [synthesize_photo(d, rng, size=(866, 1155), jpeg=True) for d in test.images[:count]]
     seconds = []
     for photo in pictures:
         preprocess.picture_to_mnist(photo.data)

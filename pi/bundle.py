@@ -13,7 +13,7 @@
     README.md                        install and run on the Pi (pi/pi_readme.md + facts)
     SHA256SUMS                       `sha256sum -c SHA256SUMS` after copying
 
-The samples are synthetic JPEG photos (export/photos.py) of MNIST test digits, one per class,
+The samples are synthetic JPEG photos (model/pictures.py) of MNIST test digits, one per class,
 plus a light-on-dark PNG and a raw 28x28 MNIST PNG; for each class the first test digit whose photo
 this model classifies right with probability >= 0.9 is used, so the samples demonstrate the
 kit rather than measure it (`make bench-mobile` measures). The archive is reproducible: fixed
@@ -99,7 +99,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     preprocess.picture_to_mnist, then the model) and must come out as its digit with
     probability >= SAMPLE_MIN_PROBABILITY.
     """
-    from export import photos
+    from model.pictures import synthesize_photo
     from export.warmup import encode_png
     from mobile import preprocess
     from mobile.runtime import Classifier
@@ -119,7 +119,7 @@ def make_samples(model: Path, labels: Path, data_dir: Path, seed: int) -> dict[s
     samples: dict[str, bytes] = {}
     for digit in range(classes):
         for index in np.flatnonzero(test.labels == digit)[:50]:
-            photo = photos.synthesize_photo(test.images[index], np.random.default_rng([seed, int(index)]))
+            photo = synthesize_photo(test.images[index], np.random.default_rng([seed, int(index)]))
             # JPEG photos only: a noisy photo as PNG is 10x larger (the PNG samples are below).
             if photo.format == "jpeg" and confident(photo.data, digit):
                 samples[f"{digit}-photo.{photo.extension}"] = photo.data

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from common import configlib
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 from model import idx
 from pi import emulation
 from pi.emulation import EmulationError
@@ -86,10 +86,10 @@ class SmokeConfig:
         + ", ".join(f"{r.name} (Python {r.python})" for r in emulation.RELEASES.values()),
     )
     data_dir: Optional[Path] = field(None, "IDX folder of the test digits (default: tests/data)")
-    digits: int = field(300, "how many MNIST test digits to classify, from the first")
-    benchmark_runs: int = field(100, "timed inferences under emulation (0: no benchmark)")
-    threads: int = field(1, "interpreter threads, on x86 and under emulation")
-    min_accuracy: float = field(0.8, "fail below this accuracy on the digits (any runtime)")
+    digits: int = field(300, "how many MNIST test digits to classify, from the first", at_least=1)
+    benchmark_runs: int = field(100, "timed inferences under emulation (0: no benchmark)", at_least=0)
+    threads: int = field(1, "interpreter threads, on x86 and under emulation", at_least=1)
+    min_accuracy: float = field(0.8, "fail below this accuracy on the digits (any runtime)", at_least=0, at_most=1)
     x86_python_ai_edge_litert: Path = field(
         REPO_ROOT / ".venv/bin/python", "x86 Python with ai-edge-litert (make setup)"
     )
@@ -100,7 +100,7 @@ class SmokeConfig:
     qemu: str = field("qemu-aarch64", "qemu user-mode emulator (name on PATH or path)")
     qemu_cpu: str = field(emulation.DEFAULT_QEMU_CPU, "CPU model qemu emulates (the Pi 4's)")
     mirror: str = field(emulation.DEBIAN_MIRROR, "Debian mirror mmdebstrap fetches from")
-    timeout: float = field(900.0, "seconds allowed to each step (sysroot, wheels, one run)")
+    timeout: float = field(900.0, "seconds allowed to each step (sysroot, wheels, one run)", above=0)
     keep_work: bool = field(False, "keep the unpacked bundle and pictures (path is printed)")
 
     def validate(self) -> None:
@@ -116,16 +116,7 @@ class SmokeConfig:
                 )
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"--targets: {','.join(self.targets)} names a target twice")
-        if self.digits < 1:
-            raise ConfigError(f"--digits must be >= 1, got {self.digits}")
-        if self.benchmark_runs < 0:
-            raise ConfigError(f"--benchmark-runs must be >= 0, got {self.benchmark_runs}")
-        if self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if not 0.0 <= self.min_accuracy <= 1.0:
-            raise ConfigError(f"--min-accuracy must be in [0, 1], got {self.min_accuracy}")
-        if self.timeout <= 0:
-            raise ConfigError(f"--timeout must be > 0, got {self.timeout}")
+        check_bounds(self)
 
 
 def log(message: str) -> None:

@@ -23,7 +23,7 @@ after, and the CPU per request, so numbers from a busy machine can be read for w
 The targets of the issue are evaluated in "targets" (reported, never asserted).
 
 The picture section (`--pictures` per kind, 0 skips it; measure_pictures) sends synthetic
-pictures of every kind (export/photos.py) to serving_bytes over REST and gRPC and through the
+pictures of every kind (model/pictures.py) to serving_bytes over REST and gRPC and through the
 client CLI's two predict paths (pixels preprocessed on the client, and --bytes), and records
 per kind and path the accuracy, the refusals, and whether the model saw the same 28x28
 picture as the Pi's preprocessing makes (mnist_image, within the parity tolerance of
@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 from mobile.runtime import latency_stats
 from serving import json_tensor as jt
 from serving.client import DEFAULT_MAX_BATCH_SIZE, request_slices
@@ -67,30 +67,27 @@ class BenchConfig:
     protocols: tuple[str, ...] = field(("rest", "grpc"), "protocols to measure")
     batch_sizes: tuple[int, ...] = field((1, 64), "images per prediction (more than --max-batch-size go as several requests)")
     concurrency: tuple[int, ...] = field((1, 8, 32), "concurrent clients")
-    rounds: int = field(3, "times the whole grid is measured (interleaved); cells report medians over them")
-    duration: float = field(4.0, "measured seconds per scenario")
-    warmup: float = field(1.0, "unmeasured seconds before each scenario")
+    rounds: int = field(3, "times the whole grid is measured (interleaved); cells report medians over them",
+                        at_least=1)
+    duration: float = field(4.0, "measured seconds per scenario", above=0)
+    warmup: float = field(1.0, "unmeasured seconds before each scenario", at_least=0)
     timeout: float = field(30.0, "per-prediction timeout in seconds")
-    max_batch_size: int = field(DEFAULT_MAX_BATCH_SIZE, "most images per request (the server's batching max_batch_size)")
+    max_batch_size: int = field(DEFAULT_MAX_BATCH_SIZE, "most images per request (the server's batching max_batch_size)",
+                                at_least=1)
     server_args: str = field("", "extra flags for python -m serving.server (one string)")
-    pictures: int = field(1000, "picture section: synthetic pictures per kind through serving_bytes (0 skips it)")
+    pictures: int = field(1000, "picture section: synthetic pictures per kind through serving_bytes (0 skips it)",
+                          at_least=0)
     picture_kinds: tuple[str, ...] = field(("photo", "canvas", "chalk", "tight", "thinpen", "mnist"),
-                                           "picture section: kinds of picture (export/photos.py)")
-    picture_latency_runs: int = field(200, "picture section: requests timed for the 1-megapixel JPEG photo")
+                                           "picture section: kinds of picture (model/pictures.py)")
+    picture_latency_runs: int = field(200, "picture section: requests timed for the 1-megapixel JPEG photo",
+                                      at_least=1)
 
     def validate(self) -> None:
         if set(self.protocols) - {"rest", "grpc"}:
             raise ConfigError(f"--protocols takes rest and/or grpc, got {self.protocols}")
         if any(b < 1 for b in self.batch_sizes) or any(c < 1 for c in self.concurrency):
             raise ConfigError("batch sizes and concurrency must be >= 1")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.duration <= 0 or self.warmup < 0:
-            raise ConfigError("--duration must be > 0 and --warmup >= 0")
-        if self.pictures < 0 or self.picture_latency_runs < 1:
-            raise ConfigError("--pictures must be >= 0 and --picture-latency-runs >= 1")
+        check_bounds(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +525,7 @@ def measure_pictures(server: Any, config: BenchConfig, log: Any = print) -> dict
     """The picture section of the report (see the module docstring): per kind and path,
     accuracy, refusals and agreement with the Pi's 28x28 pictures, then the 1-megapixel JPEG
     latency. `server` is a started LocalServerProcess."""
-    from export import photos
+    from model.pictures import synthesize_kind
     from mobile import preprocess
     from model import idx
     from serving.client import RestClient
@@ -543,7 +540,7 @@ def measure_pictures(server: Any, config: BenchConfig, log: Any = print) -> dict
         raw = np.concatenate([rest.predict(digits[i : i + 256]).digits for i in range(0, count, 256)])
         raw_accuracy = float((raw == truth).mean())
         for kind in config.picture_kinds:
-            pictures = [p.data for p in photos.synthesize_kind(kind, digits, seed=0)]
+            pictures = [p.data for p in synthesize_kind(kind, digits, seed=0)]
             pi = []
             for data in pictures:
                 try:
@@ -656,9 +653,9 @@ def _pixels_path(client: Any, pi: list, truth: np.ndarray) -> dict[str, Any]:
 def _photo_1mp_latency(rest: Any, grpc_client: Any, digit: np.ndarray, config: BenchConfig) -> dict[str, Any]:
     """p50/p99 of one 1-megapixel (1155 x 866) JPEG photo through serving_bytes, one client,
     after 10 untimed requests."""
-    from export import photos
+    from model.pictures import synthesize_photo
 
-    photo = photos.synthesize_photo(digit, np.random.default_rng(1), size=(866, 1155), jpeg=True)
+    photo = synthesize_photo(digit, np.random.default_rng(1), size=(866, 1155), jpeg=True)
     out: dict[str, Any] = {"size": [866, 1155], "bytes": len(photo.data), "load_average_before": list(os.getloadavg())}
     for name, client in (("rest", rest), ("grpc", grpc_client)):
         for _ in range(10):

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import configlib
+
 MONITORING_DEFAULT_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
 
 
@@ -103,14 +105,16 @@ def _message_classes() -> dict[str, Any]:
 class BatchingParameters:
     """What the batcher needs; defaults are TF Serving's (BatchingSession / shared scheduler)."""
 
-    max_batch_size: int = 1000
-    batch_timeout_micros: int = 0
-    max_enqueued_batches: int = 10
-    num_batch_threads: int = 4
+    max_batch_size: int = configlib.field(1000, "most rows in one batch (and in one request)", at_least=1)
+    batch_timeout_micros: int = configlib.field(0, "how long a batch waits for more rows", at_least=0)
+    max_enqueued_batches: int = configlib.field(10, "batches waiting to run; beyond, requests are refused",
+                                                at_least=1)
+    num_batch_threads: int = configlib.field(4, "batches run at once", at_least=1)
     allowed_batch_sizes: tuple[int, ...] = ()
     pad_variable_length_inputs: bool = False
     enable_large_batch_splitting: bool = False
-    max_execution_batch_size: int | None = None
+    max_execution_batch_size: int | None = configlib.field(
+        None, "with large-batch splitting: most rows in one model run", at_least=1)
 
     @property
     def execution_batch_size(self) -> int:
@@ -122,14 +126,8 @@ class BatchingParameters:
         return self.max_batch_size
 
     def validate(self, where: str = "batching parameters") -> None:
-        if self.max_batch_size < 1:
-            raise ConfigFileError(f"{where}: max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.num_batch_threads < 1:
-            raise ConfigFileError(f"{where}: num_batch_threads must be >= 1, got {self.num_batch_threads}")
-        if self.batch_timeout_micros < 0:
-            raise ConfigFileError(f"{where}: batch_timeout_micros must be >= 0")
-        if self.max_enqueued_batches < 1:
-            raise ConfigFileError(f"{where}: max_enqueued_batches must be >= 1")
+        """Raise ConfigFileError naming `where` and the first field BatchingSession would refuse."""
+        configlib.check_bounds(self, ConfigFileError, name=lambda field_name: f"{where}: {field_name}")
         sizes = self.allowed_batch_sizes
         if sizes:
             # BatchingSession's rules for allowed_batch_sizes.
@@ -145,8 +143,6 @@ class BatchingParameters:
                     f"{where}: the last entry of allowed_batch_sizes ({sizes[-1]}) must equal "
                     f"max_execution_batch_size ({self.execution_batch_size})"
                 )
-        if self.max_execution_batch_size is not None and self.max_execution_batch_size < 1:
-            raise ConfigFileError(f"{where}: max_execution_batch_size must be >= 1")
 
 
 def read_batching_parameters(path: Path) -> BatchingParameters:

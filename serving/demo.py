@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ class DemoConfig:
     model_name: str = field(contract.MODEL_NAME, "model the page asks for")
     startup_timeout_seconds: float = field(
         900.0, "give up when the model server has not answered after this long (Docker may pull "
-        "the image first)")
+        "the image first)", above=0)
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,8 +89,7 @@ class DemoConfig:
                 raise ConfigError(f"--server-url must be an http(s) URL, got {self.server_url!r}")
         if not self.model_name or any(c in self.model_name for c in "/:"):
             raise ConfigError(f"--model-name must be a name without '/' or ':', got {self.model_name!r}")
-        if self.startup_timeout_seconds <= 0:
-            raise ConfigError("--startup-timeout-seconds must be > 0")
+        check_bounds(self)
 
     @property
     def resolved_server_url(self) -> str:

@@ -71,20 +71,13 @@ def invalid(*parts: Any) -> ApiError:
 DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = 1, 2, 3, 4, 5, 6, 7
 DT_INT64, DT_BOOL, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = 9, 10, 17, 19, 22, 23
 
+# One row per family: floating point, signed and unsigned integers, the rest. The names are
+# DataTypeString's (tensorflow/core/framework/types.cc), not numpy's ("float", not "float32").
 DTYPES: dict[int, tuple[str, Any]] = {
-    DT_FLOAT: ("float", np.float32),
-    DT_DOUBLE: ("double", np.float64),
-    DT_INT32: ("int32", np.int32),
-    DT_UINT8: ("uint8", np.uint8),
-    DT_INT16: ("int16", np.int16),
-    DT_INT8: ("int8", np.int8),
-    DT_STRING: ("string", object),
-    DT_INT64: ("int64", np.int64),
-    DT_BOOL: ("bool", np.bool_),
-    DT_UINT16: ("uint16", np.uint16),
-    DT_HALF: ("half", np.float16),
-    DT_UINT32: ("uint32", np.uint32),
-    DT_UINT64: ("uint64", np.uint64),
+    DT_HALF: ("half", np.float16), DT_FLOAT: ("float", np.float32), DT_DOUBLE: ("double", np.float64),
+    DT_INT8: ("int8", np.int8), DT_INT16: ("int16", np.int16), DT_INT32: ("int32", np.int32), DT_INT64: ("int64", np.int64),
+    DT_UINT8: ("uint8", np.uint8), DT_UINT16: ("uint16", np.uint16), DT_UINT32: ("uint32", np.uint32), DT_UINT64: ("uint64", np.uint64),
+    DT_BOOL: ("bool", np.bool_), DT_STRING: ("string", object),
 }
 _NUMPY_TO_DT = {np.dtype(np_dtype): dt for dt, (_name, np_dtype) in DTYPES.items() if dt != DT_STRING}
 

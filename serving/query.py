@@ -46,7 +46,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from common import configlib, contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 from mobile.runtime import latency_stats
 from serving.client import (
     DEFAULT_MAX_BATCH_SIZE, InputError, Prediction, RequestRejected, RestClient, RetryPolicy,
@@ -67,16 +67,17 @@ class QueryConfig:
     model: str = field(contract.MODEL_NAME, "model name")
     version: int | None = field(None, "ask for this version (default: the latest)")
     label: str | None = field(None, "ask for the version with this label (stable, canary, ...)")
-    timeout: float = field(10.0, "seconds to wait for each answer")
-    retries: int = field(3, "retries after 503 / UNAVAILABLE / refused connections")
+    timeout: float = field(10.0, "seconds to wait for each answer", above=0)
+    retries: int = field(3, "retries after 503 / UNAVAILABLE / refused connections", at_least=0)
     bytes: bool = field(False, "predict: send the files themselves through serving_bytes (b64)")
     save_mnist: Path | None = field(None, "predict: write the 28x28 picture the model saw for each file into this folder")
     data_dir: Path = field(Path("tests/data"), "testset: folder with the MNIST IDX files")
-    limit: int = field(0, "testset: use the first N test images (0 = all)")
-    batch_size: int = field(1, "testset: images per prediction (sent in requests of at most --max-batch-size)")
+    limit: int = field(0, "testset: use the first N test images (0 = all)", at_least=0)
+    batch_size: int = field(1, "testset: images per prediction (sent in requests of at most --max-batch-size)",
+                            at_least=1)
     max_batch_size: int = field(
         DEFAULT_MAX_BATCH_SIZE, "most images per request: the server's batching max_batch_size, "
-        "above which TF Serving refuses a request"
+        "above which TF Serving refuses a request", at_least=1,
     )
     report: Path | None = field(None, "testset: write the results and this config as JSON here")
     json: bool = field(False, "print machine-readable JSON")
@@ -84,16 +85,7 @@ class QueryConfig:
     def validate(self) -> None:
         if self.version is not None and self.label is not None:
             raise ConfigError("give --version or --label, not both")
-        if self.timeout <= 0:
-            raise ConfigError("--timeout must be > 0")
-        if self.retries < 0:
-            raise ConfigError("--retries must be >= 0")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
-        if self.max_batch_size < 1:
-            raise ConfigError("--max-batch-size must be >= 1")
-        if self.limit < 0:
-            raise ConfigError("--limit must be >= 0")
+        check_bounds(self)
 
 
 def _unknown_flags(parser: Any, argv: Sequence[str]) -> list[str]:

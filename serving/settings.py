@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common import contract
-from common.configlib import ConfigError, field
+from common.configlib import ConfigError, check_bounds, field
 
 SERVING_DIR = Path(__file__).resolve().parent
 EVENT_LOOPS = ("uvloop", "asyncio")
@@ -41,9 +41,9 @@ class ServeConfig:
         None, "versions folder without --model-config-file (default <models-root>/<model-name>)"
     )
     model_config_file_poll_wait_seconds: int = field(
-        60, "re-read --model-config-file this often (0 = never), as TF Serving"
+        60, "re-read --model-config-file this often (0 = never), as TF Serving", at_least=0
     )
-    file_system_poll_wait_seconds: float = field(1.0, "look for new or removed versions this often")
+    file_system_poll_wait_seconds: float = field(1.0, "look for new or removed versions this often", above=0)
     allow_version_labels_for_unavailable_models: bool = field(
         True, "let labels name versions that are not loaded yet (TF Serving's flag)"
     )
@@ -51,28 +51,32 @@ class ServeConfig:
     host: str = field("127.0.0.1", "address to bind; 0.0.0.0 to accept other machines")
     port: int = field(8500, "gRPC port")
     rest_api_port: int = field(8501, "REST port (0 = no REST API)")
-    rest_api_timeout_in_ms: int = field(30000, "REST request deadline in ms (0 = none)")
+    # A negative deadline would answer every REST request 504 at once.
+    rest_api_timeout_in_ms: int = field(30000, "REST request deadline in ms (0 = none)", at_least=0,
+                                        bounds_note="0 = none")
     rest_api_enable_cors_support: bool = field(False, "answer CORS preflights, add CORS headers")
     max_request_bytes: int = field(
-        64 * 2**20, "largest REST body (after gzip) / gRPC message accepted (TF Serving: 2 GiB)"
+        64 * 2**20, "largest REST body (after gzip) / gRPC message accepted (TF Serving: 2 GiB)",
+        at_least=1024,
     )
     max_tensor_bytes: int = field(
         256 * 2**20, "gRPC: most memory one request's input tensors may take once decoded (a "
-        "60-byte TensorProto can declare gigabytes)"
+        "60-byte TensorProto can declare gigabytes)", at_least=1024,
     )
     rest_idle_timeout_seconds: float = field(
         30.0, "close a REST connection that sends no complete request headers for this long "
-        "(idle keep-alive, or headers trickling in)"
+        "(idle keep-alive, or headers trickling in)", above=0,
     )
     rest_body_timeout_seconds: float = field(
-        60.0, "a REST request's whole body must arrive within this long after its headers (408)"
+        60.0, "a REST request's whole body must arrive within this long after its headers (408)",
+        above=0,
     )
     rest_send_timeout_seconds: float = field(
         60.0, "a REST answer must be taken by the client within this long, else the connection "
-        "is closed (a client that sends requests but never reads would hold it forever)"
+        "is closed (a client that sends requests but never reads would hold it forever)", above=0,
     )
     rest_max_connections: int = field(
-        512, "REST connections open at once; beyond, new ones get 503 and are closed"
+        512, "REST connections open at once; beyond, new ones get 503 and are closed", at_least=1
     )
     # --- execution --------------------------------------------------------------------------
     enable_batching: bool = field(True, "batch concurrent requests (server-side batching)")
@@ -80,37 +84,42 @@ class ServeConfig:
         SERVING_DIR / "batching_parameters.txt", "BatchingParameters text file ('none' = defaults)"
     )
     batch_arrival_wait_ms: float = field(
-        2.0, "with batching: wait up to this long for requests already being parsed (0 = off)"
+        2.0, "with batching: wait up to this long for requests already being parsed (0 = off)",
+        at_least=0, at_most=1000,
     )
     grpc_batch_gather_ms: float = field(
         1.0, "with batching: while other requests are in flight, hold gRPC requests this long "
-        "so that they share a batch (0 = off)"
+        "so that they share a batch (0 = off)", at_least=0, at_most=1000,
     )
     batch_parallel_min_rows: int = field(
         32, "with batching: while a batch runs, start another beside it only for at least this "
-        "many waiting rows (1 = as TF Serving; see serving/batching.py)"
+        "many waiting rows (1 = as TF Serving; see serving/batching.py)", at_least=1,
     )
-    model_threads: int = field(4, "threads that run model calls when batching is off")
+    model_threads: int = field(4, "threads that run model calls when batching is off", at_least=1)
     grpc_max_concurrent: int = field(
         0, "gRPC calls in progress at once, more wait in line (0 = no limit, as TF Serving; "
-        "grpc.aio's limiter costs a task and a lock round per call)"
+        "grpc.aio's limiter costs a task and a lock round per call)", at_least=0, bounds_note="0 = no limit",
     )
     event_loop: str = field(
         "uvloop", "asyncio event loop: uvloop (libuv: here 7-23% more gRPC requests/s than "
         "asyncio's own) or asyncio"
     )
-    gil_switch_interval_ms: float = field(0.5, "Python's thread switch interval (sys.setswitchinterval)")
+    gil_switch_interval_ms: float = field(0.5, "Python's thread switch interval (sys.setswitchinterval)",
+                                          above=0)
     # One thread each: with batching, parallelism comes from num_batch_threads; TF's auto
     # setting adds spinning thread pools that cost a small machine more CPU than they save.
-    tensorflow_intra_op_parallelism: int = field(1, "TF intra-op threads per session (0 = auto)")
-    tensorflow_inter_op_parallelism: int = field(1, "TF inter-op threads per session (0 = auto)")
+    # Negative: TensorFlow aborts the process (a C++ check, no Python error).
+    tensorflow_intra_op_parallelism: int = field(1, "TF intra-op threads per session (0 = auto)",
+                                                 at_least=0, bounds_note="0 = auto")
+    tensorflow_inter_op_parallelism: int = field(1, "TF inter-op threads per session (0 = auto)",
+                                                 at_least=0, bounds_note="0 = auto")
     enable_model_warmup: bool = field(True, "replay assets.extra/tf_serving_warmup_requests on load")
     enable_signature_method_name_check: bool = field(
         False, "require predict/classify/regress signatures' method_name (TF Serving's flag)"
     )
-    num_request_iterations_for_warmup: int = field(1, "times each warm-up request is replayed")
-    max_num_load_retries: int = field(5, "retries of a failed version load")
-    load_retry_interval_seconds: float = field(60.0, "wait between load retries")
+    num_request_iterations_for_warmup: int = field(1, "times each warm-up request is replayed", at_least=0)
+    max_num_load_retries: int = field(5, "retries of a failed version load", at_least=0)
+    load_retry_interval_seconds: float = field(60.0, "wait between load retries", at_least=0)
     # --- operations -------------------------------------------------------------------------
     monitoring_config_file: Path | None = field(
         SERVING_DIR / "monitoring.config", "MonitoringConfig text file ('none' = no metrics page)"
@@ -119,53 +128,22 @@ class ServeConfig:
         Path("artifacts/serving-local"), "where the pid file and the resolved config.json go"
     )
     shutdown_grace_seconds: float = field(
-        30.0, "on SIGTERM, how long requests in progress may take to finish; then they are cut off"
+        30.0, "on SIGTERM, how long requests in progress may take to finish; then they are cut off",
+        at_least=0,
     )
     log_level: str = field("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def validate(self) -> None:
+        """Raise ConfigError naming the first flag whose value cannot be used."""
         for name in ("port", "rest_api_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535 or (name == "port" and value == 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a port number, got {value}")
         if self.rest_api_port == self.port:
             raise ConfigError("--port and --rest-api-port must differ")
-        if self.file_system_poll_wait_seconds <= 0:
-            raise ConfigError("--file-system-poll-wait-seconds must be > 0")
-        if self.max_request_bytes < 1024:
-            raise ConfigError("--max-request-bytes must be at least 1024")
-        if self.max_tensor_bytes < 1024:
-            raise ConfigError("--max-tensor-bytes must be at least 1024")
-        for name in ("rest_idle_timeout_seconds", "rest_body_timeout_seconds", "rest_send_timeout_seconds"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.rest_max_connections < 1:
-            raise ConfigError(f"--rest-max-connections must be >= 1, got {self.rest_max_connections}")
-        if self.rest_api_timeout_in_ms < 0:
-            # Negative, every REST request was answered 504 at once.
-            raise ConfigError(f"--rest-api-timeout-in-ms must be >= 0 (0 = none), got {self.rest_api_timeout_in_ms}")
-        if self.gil_switch_interval_ms <= 0:
-            raise ConfigError(f"--gil-switch-interval-ms must be > 0, got {self.gil_switch_interval_ms}")
-        for name in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
-            # TensorFlow aborts the process (a C++ check, no Python error) on a negative count.
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 = auto), got {getattr(self, name)}")
-        for name in ("max_num_load_retries", "load_retry_interval_seconds",
-                     "num_request_iterations_for_warmup", "model_config_file_poll_wait_seconds"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.shutdown_grace_seconds < 0:
-            raise ConfigError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_seconds}")
-        for name in ("model_threads", "batch_parallel_min_rows"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.grpc_max_concurrent < 0:
-            raise ConfigError(f"--grpc-max-concurrent must be >= 0 (0 = no limit), got {self.grpc_max_concurrent}")
+        check_bounds(self)  # the bounds declared on the fields above
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
-        for name in ("batch_arrival_wait_ms", "grpc_batch_gather_ms"):
-            if not 0 <= getattr(self, name) <= 1000:
-                raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1000 ms, got {getattr(self, name)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

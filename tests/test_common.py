@@ -1,4 +1,4 @@
-"""common/: the version rules the exporter and the local server share."""
+"""common/: the version rules the exporter and the local server share; declared setting bounds."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from dataclasses import dataclass
+
+from common.configlib import ConfigError, check_bounds, field, parse_config
 from common.versions import MAX_VERSION, numeric_versions, version_tuple
 
 
@@ -41,3 +44,57 @@ def test_version_tuple_reads_major_minor_patch():
     for bad in ("", "latest", "12"):
         with pytest.raises(ValueError, match="not a version number"):
             version_tuple(bad)
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """Settings that declare their bounds on the field, as every stage's config does."""
+
+    count: int = field(1, "at least one", at_least=1)
+    timeout: float = field(5.0, "strictly positive", above=0)
+    wait_ms: float = field(2.0, "a window", at_least=0, at_most=1000)
+    share: float = field(0.5, "a fraction above zero", above=0, at_most=1)
+    limit: int = field(0, "0 = none", at_least=0, bounds_note="0 = none")
+    dropout: float = field(0.0, "a fraction below one", at_least=0, below=1)
+    ceiling: int = field(3, "at most nine", at_most=9)
+    optional: int | None = field(None, "unset is not checked", at_least=1)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"count": 0}, "--count must be >= 1, got 0"),
+    ({"timeout": 0.0}, "--timeout must be > 0, got 0.0"),
+    ({"wait_ms": -1.0}, "--wait-ms must be in [0, 1000], got -1.0"),
+    ({"wait_ms": 1000.5}, "--wait-ms must be in [0, 1000], got 1000.5"),
+    ({"share": 0.0}, "--share must be in (0, 1], got 0.0"),
+    ({"limit": -5}, "--limit must be >= 0 (0 = none), got -5"),
+    ({"optional": 0}, "--optional must be >= 1, got 0"),
+    ({"dropout": 1.0}, "--dropout must be in [0, 1), got 1.0"),
+    ({"ceiling": 10}, "--ceiling must be <= 9, got 10"),
+    ({"count": 0, "limit": -5}, "--count must be >= 1, got 0"),  # the first in declaration order
+])
+def test_check_bounds_names_the_setting_its_bound_and_the_value(changes, message):
+    with pytest.raises(ConfigError) as caught:
+        check_bounds(Bounded(**changes))
+    assert str(caught.value) == message
+
+
+def test_values_on_the_bounds_and_unset_optionals_pass():
+    check_bounds(Bounded(count=1, timeout=1e-9, wait_ms=0.0, share=1.0, limit=0, optional=None,
+                         dropout=0.999, ceiling=9))
+    check_bounds(Bounded(wait_ms=1000.0))
+
+
+def test_check_bounds_takes_the_callers_error_and_names():
+    class FileError(ValueError):
+        pass
+
+    with pytest.raises(FileError, match=r"^batching.txt: count must be >= 1, got -2$"):
+        check_bounds(Bounded(count=-2), FileError, name=lambda field_name: f"batching.txt: {field_name}")
+
+
+def test_parse_config_checks_the_declared_bounds_without_a_validate(capsys):
+    assert parse_config(Bounded, ["--count", "3"]).count == 3
+    with pytest.raises(SystemExit) as exited:
+        parse_config(Bounded, ["--share", "1.5"])
+    assert exited.value.code == 2
+    assert "--share must be in (0, 1], got 1.5" in capsys.readouterr().err

@@ -9,6 +9,8 @@
   query CLI) import nothing of the local server; `mobile/` imports nothing but itself. These
   are read from the source (every import statement, including those inside functions), so a
   lazy import breaks them as surely as a top-level one.
+- The synthetic pictures (`model/pictures.py`, evaluation data) import nothing of the kit and
+  no TensorFlow; export/, pi/ and serving/bench.py may use them, nothing else of the kit.
 """
 
 from __future__ import annotations
@@ -230,6 +232,33 @@ def test_the_local_server_imports_only_the_warm_up_module_of_the_exporter():
                 if name.split(".")[0] in ("export", "model") and name not in ("export", "export.warmup")}
     assert not exporter, f"the local server imports the exporter or the trainer (module: imported by): {exporter}"
     assert "export.warmup" in closure  # it reads the warm-up file as TF Serving does
+
+
+# The synthetic pictures people send (photo, canvas, chalk, tight, thinpen, mnist) are evaluation
+# data for every path the model takes, so they sit in the data layer (model/pictures.py). These
+# may use them: the export's picture check, the Pi tooling and the serving benchmark. Never the
+# clients, the local server or mobile/, which run where the kit's data tools are not installed.
+PICTURE_USERS = ("export", "pi", "serving.bench")
+
+
+def test_the_synthetic_pictures_are_light_data_for_export_pi_and_the_serving_benchmark():
+    users = {m for m in all_modules() if m != "model.pictures" and "model.pictures" in kit_imports(m)}
+    wrong = {m for m in users if m.split(".")[0] not in PICTURE_USERS and m not in PICTURE_USERS}
+    assert not wrong, f"only {PICTURE_USERS} may import model.pictures; also imported by {sorted(wrong)}"
+    assert {"export.verify", "pi.bundle", "pi.bench_mobile", "serving.bench"} <= users
+    assert set(import_closure(["model.pictures"])) == {"model.pictures"}, "model/pictures.py imports the kit"
+    # And for real: every kind is made where TensorFlow and the rest of the kit cannot be imported.
+    code = blocker(HEAVY + ("common", "export", "serving", "mobile", "pi", "tests")) + textwrap.dedent("""
+        import numpy as np
+        from model import pictures
+        digit = np.zeros((28, 28), np.uint8)
+        digit[5:23, 12:16] = 255
+        made = [pictures.synthesize_kind(kind, digit[None], seed=0)[0] for kind in pictures.KINDS]
+        print(" ".join(p.kind for p in made))
+    """)
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["photo", "canvas", "chalk", "tight", "thinpen", "mnist"]
 
 
 # Bottom to top: a package may import only those before it (README's Layout section).

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import photos as synth
 from model import idx
+from model import pictures as synth
 
 REPO = Path(__file__).resolve().parents[1]
 

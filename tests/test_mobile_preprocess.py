@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from mobile import preprocess as pre
-from export import photos as synth
 from mobile.runtime import Classifier
 from model import idx
+from model import pictures as synth
 
 N_DIGITS = 200  # test digits per transformation
 

@@ -17,7 +17,6 @@ import pytest
 
 from common import contract
 import mobile
-from export import photos as synth
 from mobile import preprocess
 from mobile.runtime import (
     MAX_BATCH,
@@ -28,6 +27,7 @@ from mobile.runtime import (
     load_runtime,
 )
 from model import idx
+from model import pictures as synth
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("float32", "float16", "dynamic", "int8")

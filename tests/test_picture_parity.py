@@ -1,7 +1,7 @@
 """One picture-to-MNIST specification, two implementations: mobile/preprocess.py (numpy +
 Pillow, the Pi) and export/picture_graph.py (TensorFlow ops, serving_bytes).
 
-Every kind of picture people send (export/photos.py: photos, canvas drawings, chalk, tight
+Every kind of picture people send (model/pictures.py: photos, canvas drawings, chalk, tight
 crops, thin pens, MNIST itself), the shared cases of tests/data/pictures, EXIF orientation,
 transparency, sizes from 28x28 to a 12-megapixel photo, and every kind of bad picture: both
 implementations give the same 28x28 picture or the same refusal.
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export import photos
 from export.verify import PICTURE_PARITY_MAX_MEAN_DIFF
 from mobile import preprocess as pre
+from model import pictures as photos
 
 from .conftest import REPO
 

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from common import contract
-from export import photos
 from mobile import preprocess as pre
+from model import pictures as photos
 from tests.conftest import python_env
 from tests.serving_fixtures import REPO, error_of, saved_model_bytes_outputs, start_server
 from tests.test_picture_parity import BAD, CASES, jpeg_declaring, png_bomb

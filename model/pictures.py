@@ -1,8 +1,10 @@
 """Make realistic pictures of handwritten digits from MNIST digits (numpy + Pillow).
 
-Used by the tests, the benchmarks (`make bench-mobile`, `make bench-serve`) and the Pi bundle's
-sample pictures; not shipped to the Pi. Every picture draws its settings from a seeded numpy
-Generator, so the same seed gives the same pictures on every machine.
+Evaluation data for every path the model takes: the export's picture check (export/verify.py),
+the benchmarks (`make bench-mobile`, `make bench-serve`), the Pi bundle's sample pictures and the
+tests. It sits in the data layer beside the IDX reader and, like it, imports no TensorFlow
+(tests/test_dependencies.py); it is not shipped to the Pi. Every picture draws its settings from
+a seeded numpy Generator, so the same seed gives the same pictures on every machine.
 
 The kinds of picture people send (`KINDS`), each made by `synthesize(kind, digit, rng)`:
 
