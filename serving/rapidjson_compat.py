@@ -221,6 +221,9 @@ _ERROR_IN_STATE = {
     _ELEMENT_DELIMITER: VALUE_INVALID,
     _ELEMENT: ARRAY_MISS_COMMA_OR_BRACKET,
 }
+# After an object's member value or an array's element: the state a ',' leads to, and the byte
+# that closes the container ('}' or ']').
+_AFTER_VALUE = {_MEMBER_VALUE: (_MEMBER_DELIMITER, 0x7D), _ELEMENT: (_ELEMENT_DELIMITER, 0x5D)}
 
 
 def parse(data: bytes | bytearray | memoryview | str, allow_orjson: bool = True) -> Any:
@@ -318,21 +321,14 @@ class _Reader:
                     raise JsonParseError(OBJECT_MISS_COLON, pos)
                 state = _KEY_VALUE_DELIMITER
                 pos += 1
-            elif state == _MEMBER_VALUE:
+            else:  # _MEMBER_VALUE or _ELEMENT: a ',' or the container's closing byte is due
+                delimiter, closer = _AFTER_VALUE[state]
                 if c == 0x2C:
-                    state = _MEMBER_DELIMITER
-                elif c == 0x7D:
+                    state = delimiter
+                elif c == closer:
                     state = stack.pop()[0]
                 else:
-                    raise JsonParseError(OBJECT_MISS_COMMA_OR_CURLY, pos)
-                pos += 1
-            else:  # _ELEMENT
-                if c == 0x2C:
-                    state = _ELEMENT_DELIMITER
-                elif c == 0x5D:
-                    state = stack.pop()[0]
-                else:
-                    raise JsonParseError(ARRAY_MISS_COMMA_OR_BRACKET, pos)
+                    raise JsonParseError(_ERROR_IN_STATE[state], pos)
                 pos += 1
             if state == _START:
                 state = _FINISH  # the root array/object just closed
