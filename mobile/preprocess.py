@@ -89,10 +89,10 @@ its windows clipped at the borders where step 7 says so.
     the ink's. The ring's paper side: its values under b + PAPER_SIDE MIN_CONTRAST, b = the
     ring's PAPER_SIDE_LOW quantile (over [-1, 1]); its ink side: values >= b + PAPER_GAP
     MIN_CONTRAST. Usable when each holds at least PAPER_SIDE_MIN of the ring, the values
-    between them (the gap) number at most PAPER_GAP_MAX times the smaller side, and the ring,
-    in _ring's order (first row, last row, first column, last column), changes between
-    >= b + (PAPER_SIDE + PAPER_GAP) / 2 MIN_CONTRAST and under at most PAPER_MAX_CHANGES
-    times (strokes cross a border a few times; noise often). Zero and noise are then the
+    between them (the gap) number at most PAPER_GAP_MAX times the smaller side, and along the
+    ring, in _ring's order (first row, last row, first column, last column), "value >= b +
+    (PAPER_SIDE + PAPER_GAP) / 2 MIN_CONTRAST" changes at most PAPER_MAX_CHANGES times
+    (strokes cross a border a few times; noise crosses it often). Zero and noise are then the
     paper side's median and MAD noise (weighted quantiles over [-1, 1] and [0, 2]), and the
     stretch above is redone; when that finds ink standing out and a non-empty mask, it is
     the result. Otherwise the first try stands: with no ink standing out, "empty picture"
