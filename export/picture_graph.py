@@ -657,22 +657,66 @@ def ink_strength(work, dark_ink, size, halved):
     strength = tf.where(dark_ink, (paper - work) / tf.maximum(paper, 0.05),
                         (work - paper) / tf.maximum(1.0 - paper, 0.05))
     smooth = box3(strength)
+    ring = _ring(smooth)
     zero, noise = median_mad(smooth, -1.0, 1.0)
-    ring_zero, ring_noise = median_mad(_ring(smooth), -1.0, 1.0)
+    ring_zero, ring_noise = median_mad(ring, -1.0, 1.0)
     use_ring = ring_zero < zero
     zero = tf.where(use_ring, ring_zero, zero)
-    noise = tf.maximum(tf.where(use_ring, ring_noise, noise), 0.5 / 255)
+    noise = tf.where(use_ring, ring_noise, noise)
+    ink, noise_out, stands_out, peak = _stretch(strength, smooth, zero, noise)
+    masked = stands_out & tf.reduce_any(ink_mask(ink, noise_out))
+
+    def second_try():
+        # A tight crop whose ink covers much of its border: the ring's paper side.
+        side_zero, side_noise, usable = ring_paper_side(ring)
+        ink2, noise2, stands_out2, _ = _stretch(strength, smooth, side_zero, side_noise)
+        use = usable & stands_out2 & tf.reduce_any(ink_mask(ink2, noise2))
+        return tf.where(use, ink2, ink), tf.where(use, noise2, noise_out), use
+
+    ink, noise_out, second = tf.cond(masked, lambda: (ink, noise_out, tf.constant(False)), second_try)
+    ink.set_shape([None, None])
+    blank = ~(stands_out | second)
+    ink = _guard(ink, ~blank, tf.strings.join([
+        "empty picture: no ink found (strongest contrast ", _decimals(tf.maximum(peak, 0.0), 3),
+        f", need {spec.MIN_CONTRAST})"]))
+    return ink, noise_out
+
+
+def _stretch(strength, smooth, zero, noise):
+    """Step 8 with a paper level `zero` and its noise: (ink float32 [h, w], noise', whether
+    ink stands out, the peak of smooth - zero) (= mobile.preprocess._stretch)."""
+    noise = tf.maximum(noise, 0.5 / 255)
     smooth = smooth - zero
     ink_pixels = smooth > tf.maximum(spec.NOISE_SIGMAS * noise, spec.MIN_CONTRAST / 2)
     peak = tf.reduce_max(smooth)
-    blank = ~tf.reduce_any(ink_pixels) | (peak < spec.MIN_CONTRAST)
-    smooth = _guard(smooth, ~blank, tf.strings.join([
-        "empty picture: no ink found (strongest contrast ", _decimals(tf.maximum(peak, 0.0), 3),
-        f", need {spec.MIN_CONTRAST})"]))
+    stands_out = tf.reduce_any(ink_pixels) & (peak >= spec.MIN_CONTRAST)
     core = quantile(smooth, 0.9, 0.0, 2.0, weights=ink_pixels)
     low = tf.minimum(tf.maximum(2.0 * noise, 0.1 * core), 0.5 * core)
     ink = tf.clip_by_value((strength - zero - low) / (core - low), 0.0, 1.0)
-    return ink, noise / (core - low)
+    return ink, noise / (core - low), stands_out, peak
+
+
+def ring_paper_side(ring):
+    """Step 8's second try: (zero, noise, usable) of the paper side of the ring's values
+    float32 [n] (= mobile.preprocess.ring_paper_side; usable False where that gives None)."""
+    bottom = quantile(ring, spec.PAPER_SIDE_LOW, -1.0, 1.0)
+    side = ring < bottom + spec.PAPER_SIDE * spec.MIN_CONTRAST
+    ink = ring >= bottom + spec.PAPER_GAP * spec.MIN_CONTRAST
+    count, ink_count = tf.reduce_sum(tf.cast(side, tf.int32)), tf.reduce_sum(tf.cast(ink, tf.int32))
+    gap = tf.size(ring) - count - ink_count
+    upper = tf.cast(ring >= bottom + (spec.PAPER_SIDE + spec.PAPER_GAP) / 2 * spec.MIN_CONTRAST, tf.int32)
+    changes = tf.reduce_sum(tf.abs(upper[1:] - upper[:-1]))
+    fewer = tf.cast(tf.minimum(count, ink_count), tf.float32)
+    usable = ((fewer >= spec.PAPER_SIDE_MIN * tf.cast(tf.size(ring), tf.float32))
+              & (tf.cast(gap, tf.float32) <= spec.PAPER_GAP_MAX * fewer) & (changes <= spec.PAPER_MAX_CHANGES))
+    zero = quantile(ring, 0.5, -1.0, 1.0, weights=side)
+    noise = 1.4826 * quantile(tf.abs(ring - zero), 0.5, 0.0, 2.0, weights=side)
+    return zero, noise, usable
+
+
+def ink_mask(ink, noise):
+    """Step 9's mask bool [h, w] of ink float32 [h, w] and its noise'."""
+    return box3(ink) > tf.maximum(0.35, 4.0 * noise)
 
 
 def _run_ids(mask):
@@ -721,7 +765,7 @@ def components(mask):
 
 def digit_mask(ink, noise, work, dark_ink):
     """Step 9: bool [h, w], asserting digit-like ink."""
-    full = box3(ink) > tf.maximum(0.35, 4.0 * noise)
+    full = ink_mask(ink, noise)
     halved = tf.maximum(tf.shape(full)[0], tf.shape(full)[1]) > spec.POLARITY_HALF_ABOVE
     mask = tf.cond(halved, lambda: blocks_any(full), lambda: full)
     mask.set_shape([None, None])

@@ -78,12 +78,25 @@ its windows clipped at the borders where step 7 says so.
  8. Ink strength s: dark ink (background - v) / max(background, 0.05), light ink (v -
     background) / max(1 - background, 0.05): light and shadow cancel. Paper is the zero: of the
     median of box3(s) over the whole picture and over its ring (a tight crop's ink may cover
-    most of it, never most of its border), the lower, with the MAD noise of the same set
+    most of it, seldom most of its border), the lower, with the MAD noise of the same set
     (quantiles over [-1, 1], noise >= 0.5/255). Ink pixels: box3(s) - zero > max(NOISE_SIGMAS
-    noise, MIN_CONTRAST / 2). No ink pixel, or a peak of box3(s) - zero under MIN_CONTRAST:
-    "empty picture". Stretch: core = the 0.9 quantile of the ink pixels' box3(s) - zero (over
+    noise, MIN_CONTRAST / 2); none, or a peak of box3(s) - zero under MIN_CONTRAST: no ink
+    stands out. Stretch: core = the 0.9 quantile of the ink pixels' box3(s) - zero (over
     [0, 2]), low = min(max(2 noise, 0.1 core), 0.5 core), ink = clip((s - zero - low) / (core
-    - low), 0, 1) (anti-aliased edges stay grey), noise' = noise / (core - low).
+    - low), 0, 1) (anti-aliased edges stay grey), noise' = noise / (core - low). When no ink
+    stands out or step 9's mask (box3(ink) > max(0.35, 4 noise')) is empty, a second try: a
+    tight crop whose ink covers much of its border makes the ring's median, or its MAD noise,
+    the ink's. The ring's paper side: its values under b + PAPER_SIDE MIN_CONTRAST, b = the
+    ring's PAPER_SIDE_LOW quantile (over [-1, 1]); its ink side: values >= b + PAPER_GAP
+    MIN_CONTRAST. Usable when each holds at least PAPER_SIDE_MIN of the ring, the values
+    between them (the gap) number at most PAPER_GAP_MAX times the smaller side, and along the
+    ring, in _ring's order (first row, last row, first column, last column), "value >= b +
+    (PAPER_SIDE + PAPER_GAP) / 2 MIN_CONTRAST" changes at most PAPER_MAX_CHANGES times
+    (strokes cross a border a few times; noise crosses it often). Zero and noise are then the
+    paper side's median and MAD noise (weighted quantiles over [-1, 1] and [0, 2]), and the
+    stretch above is redone; when that finds ink standing out and a non-empty mask, it is
+    the result. Otherwise the first try stands: with no ink standing out, "empty picture"
+    (its peak in the message). A picture the first try reads is never touched.
  9. The digit: mask = box3(ink) > max(0.35, 4 noise'). Its 8-connected components (with L >
     POLARITY_HALF_ABOVE those of its 2x2 block-any copy, padded with unset pixels to even
     sides: faster, and nothing a digit needs is closer than 2 px), ordered by area (ties: the
@@ -182,6 +195,18 @@ BORDER_INK_RATIO = 0.45
 MIN_CONTRAST = 0.10  # weaker than this everywhere = a blank picture
 NOISE_SIGMAS = 4.0  # ink must stand this many noise sigmas above the paper
 QUANTILE_BINS = 2048  # histogram bins of every quantile
+# Step 8's second try, the ring's paper side: values under its PAPER_SIDE_LOW quantile +
+# PAPER_SIDE x MIN_CONTRAST; the ink side: from that quantile + PAPER_GAP x MIN_CONTRAST. Each
+# at least PAPER_SIDE_MIN of the ring, the gap between them at most PAPER_GAP_MAX x the
+# smaller, and at most PAPER_MAX_CHANGES changes from one to the other along the ring: a
+# digit's strokes cross a tight crop's border a few times per side (bold 1s and 7s: 4-16
+# changes, gap 0-0.26), noise crosses it at random (20-80 changes, gap 0.3-0.7).
+PAPER_SIDE_LOW = 0.1
+PAPER_SIDE_MIN = 0.2
+PAPER_SIDE = 2.0
+PAPER_GAP = 3.0
+PAPER_GAP_MAX = 0.3
+PAPER_MAX_CHANGES = 18
 
 # --- 9. the digit ----------------------------------------------------------------------------
 # Components smaller than this fraction of the largest are specks; up to FAR_FRACTION they
@@ -762,22 +787,60 @@ def ink_strength(work: np.ndarray, dark_ink: bool, size: int) -> tuple[np.ndarra
         strength = (work - paper) / np.maximum(np.float32(1.0) - paper, np.float32(0.05))
     strength = strength.astype(np.float32)
     smooth = _box3(strength)
+    ring = _ring(smooth)
     zero, noise = _median_mad(smooth, -1.0, 1.0)
-    ring_zero, ring_noise = _median_mad(_ring(smooth), -1.0, 1.0)
+    ring_zero, ring_noise = _median_mad(ring, -1.0, 1.0)
     if ring_zero < zero:
         zero, noise = ring_zero, ring_noise
+    found, peak = _stretch(strength, smooth, zero, noise)
+    if found is None or not ink_mask(*found).any():
+        # A tight crop whose ink covers much of its border: the medians' noise (or zero) is
+        # the ink's, so nothing stands out. Second try: the ring's paper side.
+        paper_side = ring_paper_side(ring)
+        if paper_side is not None:
+            second, _ = _stretch(strength, smooth, *paper_side)
+            if second is not None and ink_mask(*second).any():
+                found = second
+    if found is None:
+        raise PictureError(
+            f"empty picture: no ink found (strongest contrast {max(peak, 0.0):.3f}, need {MIN_CONTRAST})"
+        )
+    return found
+
+
+def _stretch(strength: np.ndarray, smooth: np.ndarray, zero: float,
+             noise: float) -> tuple[tuple[np.ndarray, float] | None, float]:
+    """Step 8 with a paper level `zero` and its noise: ((ink float32 [h, w], noise') or None
+    when no ink stands out, the peak of smooth - zero)."""
     noise = max(noise, 0.5 / 255)
     smooth = smooth - np.float32(zero)
     ink_pixels = smooth > np.float32(max(NOISE_SIGMAS * noise, MIN_CONTRAST / 2))
     peak = float(smooth.max())
     if not ink_pixels.any() or peak < MIN_CONTRAST:
-        raise PictureError(
-            f"empty picture: no ink found (strongest contrast {max(peak, 0.0):.3f}, need {MIN_CONTRAST})"
-        )
+        return None, peak
     core = _quantile(smooth, 0.9, 0.0, 2.0, weights=ink_pixels)
     low = min(max(2.0 * noise, 0.1 * core), 0.5 * core)
     ink = np.clip((strength - np.float32(zero) - np.float32(low)) / np.float32(core - low), 0.0, 1.0)
-    return ink.astype(np.float32), noise / (core - low)
+    return (ink.astype(np.float32), noise / (core - low)), peak
+
+
+def ring_paper_side(ring: np.ndarray) -> tuple[float, float] | None:
+    """Step 8's second try: (zero, noise) of the paper side of the ring's box3(s) values
+    float32 [n] (in _ring's order), or None when the ring is not paper and ink apart."""
+    ring = np.asarray(ring, np.float32)
+    bottom = _quantile(ring, PAPER_SIDE_LOW, -1.0, 1.0)
+    side = ring < np.float32(bottom + PAPER_SIDE * MIN_CONTRAST)
+    ink = ring >= np.float32(bottom + PAPER_GAP * MIN_CONTRAST)
+    count, ink_count = int(side.sum()), int(ink.sum())
+    gap = ring.size - count - ink_count
+    upper = (ring >= np.float32(bottom + (PAPER_SIDE + PAPER_GAP) / 2 * MIN_CONTRAST)).astype(np.int8)
+    changes = int(np.abs(np.diff(upper)).sum())
+    if (min(count, ink_count) < PAPER_SIDE_MIN * ring.size or gap > PAPER_GAP_MAX * min(count, ink_count)
+            or changes > PAPER_MAX_CHANGES):
+        return None
+    zero = _quantile(ring, 0.5, -1.0, 1.0, weights=side)
+    noise = 1.4826 * _quantile(np.abs(ring - np.float32(zero)), 0.5, 0.0, 2.0, weights=side)
+    return zero, noise
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -848,10 +911,15 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.concatenate([[0], areas[order]]).astype(np.int64)
 
 
+def ink_mask(ink: np.ndarray, noise: float) -> np.ndarray:
+    """Step 9's mask bool [h, w] of ink float32 [h, w] and its noise'."""
+    return _box3(ink) > np.float32(max(0.35, 4 * noise))
+
+
 def digit_mask(ink: np.ndarray, noise: float, work: np.ndarray, dark_ink: bool) -> np.ndarray:
     """Step 9: the digit's pixels bool [h, w]: the main ink components, specks and far marks
     dropped. Raises PictureError when what is kept is not digit-like."""
-    mask = _box3(ink) > np.float32(max(0.35, 4 * noise))
+    mask = ink_mask(ink, noise)
     halved = max(mask.shape) > POLARITY_HALF_ABOVE
     labels, areas = components(_blocks_any(mask) if halved else mask)
     if len(areas) <= 1:
