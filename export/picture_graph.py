@@ -399,38 +399,36 @@ def both_closings(values, size, dark_ink):
 
 
 def _running_dynamic3(values, size, op: str):
-    """Running max/min of odd `size` (int32 tensor, at most 2 ** MAX_DOUBLINGS * 2 - 1) along
-    axes 1 and 2 of [C, H, W], windows clipped.
+    """Running max/min of odd `size` (int32 tensor) along axes 1 and 2 of [C, H, W], windows
+    clipped.
 
-    Doubling without a loop: the levels level_j[i] = extreme over [i, i + 2**j) are all
-    computed (each padded at the end to one length), the one with the largest 2**j <= size
-    is picked, and two of its windows cover each window of `size`.
+    Doubling (as mobile.preprocess._running): level_j[i] = extreme over [i, i + 2**j) by
+    log2(size) rounds of a while loop, each level one shorter by its span; two windows of the
+    largest span 2**j <= size then cover each window of `size`. Only the rounds this size
+    needs run.
     """
     extreme = tf.maximum if op == "max" else tf.minimum
     fill = -math.inf if op == "max" else math.inf
     half = size // 2
-    steps = tf.cast(tf.floor(tf.math.log(tf.cast(size, tf.float32)) / math.log(2.0) + 1e-4), tf.int32)
-    span = tf.bitwise.left_shift(1, steps)
     out = values
     for axis in (1, 2):
         n = tf.shape(out)[axis]
         paddings = tf.stack([[0, 0], [half, half], [0, 0]]) if axis == 1 else tf.stack([[0, 0], [0, 0], [half, half]])
-        level = tf.pad(out, paddings, constant_values=fill)
-        levels = [level]
-        length = tf.shape(level)[axis]
-        for j in range(MAX_DOUBLINGS):
-            # Shifted by 2**j, the end filled with the value that never wins; a frame shorter
-            # than the shift is all fill (never the shift's length: the shapes must match).
-            shift = tf.minimum(2**j, length)
-            tail = tf.stack([[0, 0], [0, shift], [0, 0]] if axis == 1 else [[0, 0], [0, 0], [0, shift]])
-            shifted = tf.pad(level[:, shift:] if axis == 1 else level[:, :, shift:], tail, constant_values=fill)
-            level = extreme(level, shifted)
-            levels.append(level)
-        chosen = tf.gather(tf.stack(levels), steps)
+
+        def double(span, level, axis=axis):
+            if axis == 1:
+                return span * 2, extreme(level[:, :-span], level[:, span:])
+            return span * 2, extreme(level[:, :, :-span], level[:, :, span:])
+
+        span, level = tf.while_loop(
+            lambda span, level: span * 2 <= size, double,
+            [tf.constant(1), tf.pad(out, paddings, constant_values=fill)],
+            shape_invariants=[tf.TensorShape([]), tf.TensorShape([values.shape[0], None, None])],
+            maximum_iterations=MAX_DOUBLINGS)
         if axis == 1:
-            out = extreme(chosen[:, :n], chosen[:, size - span : size - span + n])
+            out = extreme(level[:, :n], level[:, size - span : size - span + n])
         else:
-            out = extreme(chosen[:, :, :n], chosen[:, :, size - span : size - span + n])
+            out = extreme(level[:, :, :n], level[:, :, size - span : size - span + n])
     return out
 
 
