@@ -437,51 +437,43 @@ def top_hats(log_dark, log_light):
     window in POLARITY_WINDOWS: float32 [windows, 2, H, W] (black, white).
 
     Both run at once: the white top-hat of x is the black top-hat of -x, so the two copies are
-    stacked as [log_dark, -log_light] and closed together. The first pass of each closing is
-    chained (a running max of k2 is a running max of k1 followed by one of k2 - k1 + 1), and
-    the stack is padded once by the largest half-window (more edge replication than a window
-    needs changes nothing).
+    stacked as [log_dark, -log_light] and closed together. The windows are 2**j + 1 pixels,
+    and the stack is padded once by edge replication of twice the largest half-window (more
+    edge replication than a window needs changes nothing), so every pass takes "valid"
+    windows, without fills or clipping: the running max of 2**j x 2**j blocks is shared by all
+    windows (each doubling one pass along each axis), a window of 2**j + 1 is two of them one
+    pixel apart, and its closing's min pass runs on just the part the centre needs.
     """
-    pad = max(spec.POLARITY_WINDOWS) // 2
+    pad = 2 * (max(spec.POLARITY_WINDOWS) // 2)
     h, w = tf.shape(log_dark)[0], tf.shape(log_dark)[1]
     stack = tf.stack([log_dark, -log_light])  # [2, H, W]
     rows = tf.clip_by_value(tf.range(-pad, h + pad), 0, h - 1)
     cols = tf.clip_by_value(tf.range(-pad, w + pad), 0, w - 1)
-    x = tf.gather(tf.gather(stack, rows, axis=1), cols, axis=2)
+    blocks = tf.gather(tf.gather(stack, rows, axis=1), cols, axis=2)  # max over 1x1 blocks
     hats = []
-    grown, previous = x, 1
+    span = 1
     for k in spec.POLARITY_WINDOWS:
-        grown = _running3(grown, k - previous + 1, "max")
-        previous = k
-        closed = _running3(grown, k, "min")[:, pad : pad + h, pad : pad + w]
-        hats.append(closed - stack)
+        reach = k - 1  # a power of two: the window is reach + 1 pixels
+        assert reach & (reach - 1) == 0, "POLARITY_WINDOWS must be 2**j + 1"
+        while span < reach:
+            blocks = _valid_pair(blocks, span, tf.maximum)
+            span *= 2
+        grown = _valid_pair(blocks, 1, tf.maximum)  # [i, j]: window centred at (i, j) + reach / 2
+        # The min pass at the picture's pixels reads the max at +- reach / 2 around them.
+        closed = grown[:, pad - reach : pad + h, pad - reach : pad + w]
+        step = 1
+        while step < reach:
+            closed = _valid_pair(closed, step, tf.minimum)
+            step *= 2
+        hats.append(_valid_pair(closed, 1, tf.minimum) - stack)
     return tf.stack(hats)
 
 
-def _running3(values, size: int, op: str):
-    """Running max/min of static odd `size` along axes 1 and 2 of [C, H, W], windows clipped
-    (doubling, as mobile.preprocess._running)."""
-    if size == 1:
-        return values
-    fill = -math.inf if op == "max" else math.inf
-    extreme = tf.maximum if op == "max" else tf.minimum
-    half = size // 2
-    out = values
-    for axis in (1, 2):
-        paddings = [[0, 0], [0, 0], [0, 0]]
-        paddings[axis] = [half, half]
-        level = tf.pad(out, paddings, constant_values=fill)
-
-        def cut(x, start, stop):
-            return x[:, start:stop] if axis == 1 else x[:, :, start:stop]
-
-        n = tf.shape(out)[axis]
-        span = 1
-        while span * 2 <= size:
-            level = extreme(cut(level, None, -span), cut(level, span, None))
-            span *= 2
-        out = extreme(cut(level, None, n), cut(level, size - span, size - span + n))
-    return out
+def _valid_pair(values, shift: int, extreme):
+    """extreme of [C, H, W] and itself shifted by `shift` along axes 1 and 2, valid part only:
+    [C, H - shift, W - shift] (blocks of s x s pixels -> of (s + shift) x (s + shift))."""
+    values = extreme(values[:, :-shift], values[:, shift:])
+    return extreme(values[:, :, :-shift], values[:, :, shift:])
 
 
 def quantile(values, q, lo: float, hi: float, weights=None):
