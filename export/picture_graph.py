@@ -358,11 +358,14 @@ def box3(values):
 
 
 def blocks2(values, op: str):
-    """2x2 block min / max / mean (the last odd row and column dropped)."""
-    h, w = tf.shape(values)[0] // 2, tf.shape(values)[1] // 2
-    blocks = tf.reshape(values[: 2 * h, : 2 * w], tf.stack([h, 2, w, 2]))
-    reduce = {"min": tf.reduce_min, "max": tf.reduce_max, "mean": tf.reduce_mean}[op]
-    return reduce(blocks, axis=[1, 3])
+    """2x2 block min / max / mean (the last odd row and column dropped): 2x2 pooling with
+    stride 2 (the pooling kernels are several times faster than a reduction over a
+    [h, 2, w, 2] reshape; the same values)."""
+    x = values[None, :, :, None]
+    if op == "min":
+        return -tf.nn.max_pool2d(-x, 2, 2, "VALID")[0, :, :, 0]
+    pool = {"max": tf.nn.max_pool2d, "mean": tf.nn.avg_pool2d}[op]
+    return pool(x, 2, 2, "VALID")[0, :, :, 0]
 
 
 def _edge_pad(values, pad):
@@ -483,9 +486,14 @@ def quantile(values, q, lo: float, hi: float, weights=None):
     bins = spec.QUANTILE_BINS
     scale = tf.constant(bins / (hi - lo), tf.float32)
     flat = tf.reshape(values, [-1])
-    index = tf.cast(tf.clip_by_value(tf.floor((flat - lo) * scale), 0, bins - 1), tf.int32)
-    counts = tf.math.unsorted_segment_sum(
-        tf.ones_like(flat) if weights is None else tf.reshape(tf.cast(weights, tf.float32), [-1]), index, bins)
+    if weights is None and math.log2(hi - lo).is_integer():
+        # HistogramFixedWidth bins by (x - lo) / ((hi - lo) / bins), the same float32 index
+        # as (x - lo) * scale when hi - lo is a power of two, in a third of the time.
+        counts = tf.cast(tf.histogram_fixed_width(flat, [lo, hi], nbins=bins), tf.float32)
+    else:
+        index = tf.cast(tf.clip_by_value(tf.floor((flat - lo) * scale), 0, bins - 1), tf.int32)
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(flat) if weights is None else tf.reshape(tf.cast(weights, tf.float32), [-1]), index, bins)
     cumulative = tf.cumsum(counts)
     qs = (q,) if isinstance(q, float) else tuple(q)
     targets = tf.constant(qs, tf.float32)[:, None] * cumulative[-1]
