@@ -688,8 +688,8 @@ def components(mask):
     Label propagation (the result is the components themselves, as the Pi's union-find finds
     them): every pass spreads the largest label along whole horizontal and vertical runs of
     the mask (segment maxima), then over each pixel's 3x3 neighbourhood (diagonal links), then
-    jumps twice to the label of the pixel a label names; until nothing changes (2-7 passes
-    for digits).
+    jumps twice to the label of the pixel a label names; until no pixel has a larger label
+    around it (1-6 passes for digits).
     """
     h, w = tf.shape(mask)[0], tf.shape(mask)[1]
     n = h * w
@@ -706,13 +706,16 @@ def components(mask):
         flat = tf.concat([[0], tf.reshape(labels, [-1])], 0)
         return tf.maximum(labels, tf.gather(flat, labels))
 
-    def step(labels, _changed):
+    def step(labels, _settled):
         spread = along(along(labels, rows, row_runs), cols, col_runs)
         spread = tf.where(mask, max3(spread, tf.constant(0), "square"), 0)
         after = jump(jump(spread))
-        return after, tf.reduce_any(tf.not_equal(after, labels))
+        # Settled when every pixel's label is the largest around it: the labels are then
+        # constant on each component, its largest raster index + 1 (one 3x3 maximum instead
+        # of a whole pass that finds nothing left to change).
+        return after, tf.reduce_all(tf.equal(tf.where(mask, max3(after, tf.constant(0), "square"), 0), after))
 
-    labels, _ = tf.while_loop(lambda labels, changed: changed, step, [start, tf.constant(True)],
+    labels, _ = tf.while_loop(lambda labels, settled: ~settled, step, [start, tf.constant(False)],
                               maximum_iterations=n + 1)
     return labels
 
