@@ -650,7 +650,8 @@ def background(work, dark_ink, size, halved):
 
 
 def ink_strength(work, dark_ink, size, halved):
-    """Steps 7-8: (ink float32 [h, w] in 0..1, noise'), asserting a picture that is not blank."""
+    """Steps 7-8: (ink float32 [h, w] in 0..1, step 9's mask bool [h, w], computed once: step
+    8's second try needs it), asserting a picture that is not blank."""
     paper = background(work, dark_ink, size, halved)
     strength = tf.where(dark_ink, (paper - work) / tf.maximum(paper, 0.05),
                         (work - paper) / tf.maximum(1.0 - paper, 0.05))
@@ -662,22 +663,25 @@ def ink_strength(work, dark_ink, size, halved):
     zero = tf.where(use_ring, ring_zero, zero)
     noise = tf.where(use_ring, ring_noise, noise)
     ink, noise_out, stands_out, peak = _stretch(strength, smooth, zero, noise)
-    masked = stands_out & tf.reduce_any(ink_mask(ink, noise_out))
+    mask = ink_mask(ink, noise_out)
+    masked = stands_out & tf.reduce_any(mask)
 
     def second_try():
         # A tight crop whose ink covers much of its border: the ring's paper side.
         side_zero, side_noise, usable = ring_paper_side(ring)
         ink2, noise2, stands_out2, _ = _stretch(strength, smooth, side_zero, side_noise)
-        use = usable & stands_out2 & tf.reduce_any(ink_mask(ink2, noise2))
-        return tf.where(use, ink2, ink), tf.where(use, noise2, noise_out), use
+        mask2 = ink_mask(ink2, noise2)
+        use = usable & stands_out2 & tf.reduce_any(mask2)
+        return tf.where(use, ink2, ink), tf.where(use, mask2, mask), use
 
-    ink, noise_out, second = tf.cond(masked, lambda: (ink, noise_out, tf.constant(False)), second_try)
+    ink, mask, second = tf.cond(masked, lambda: (ink, mask, tf.constant(False)), second_try)
     ink.set_shape([None, None])
+    mask.set_shape([None, None])
     blank = ~(stands_out | second)
     ink = _guard(ink, ~blank, tf.strings.join([
         "empty picture: no ink found (strongest contrast ", _decimals(tf.maximum(peak, 0.0), 3),
         f", need {spec.MIN_CONTRAST})"]))
-    return ink, noise_out
+    return ink, mask
 
 
 def _stretch(strength, smooth, zero, noise):
@@ -764,9 +768,9 @@ def components(mask):
     return labels
 
 
-def digit_mask(ink, noise, work, dark_ink):
-    """Step 9: bool [h, w], asserting digit-like ink."""
-    full = ink_mask(ink, noise)
+def digit_mask(full, work, dark_ink):
+    """Step 9: step 9's mask bool [h, w] (from ink_strength) -> the digit's pixels bool [h, w],
+    asserting digit-like ink."""
     halved = tf.maximum(tf.shape(full)[0], tf.shape(full)[1]) > spec.POLARITY_HALF_ABOVE
     mask = tf.cond(halved, lambda: blocks_any(full), lambda: full)
     mask.set_shape([None, None])
@@ -930,8 +934,8 @@ def grey_to_mnist(v):
     def pipeline():
         work = working_copy(v)
         dark_ink, size, halved = polarity_and_window(work)
-        ink, noise = ink_strength(work, dark_ink, size, halved)
-        mask = digit_mask(ink, noise, work, dark_ink)
+        ink, mask = ink_strength(work, dark_ink, size, halved)
+        mask = digit_mask(mask, work, dark_ink)
         patch, patch_mask = crop(ink, mask)
         return place_by_mass(fit_box(normalise_strokes(patch, patch_mask)))
 

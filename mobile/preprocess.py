@@ -774,9 +774,9 @@ def background(work: np.ndarray, dark_ink: bool, size: int) -> np.ndarray:
     return _resize(paper, *work.shape) if halved else paper
 
 
-def ink_strength(work: np.ndarray, dark_ink: bool, size: int) -> tuple[np.ndarray, float]:
+def ink_strength(work: np.ndarray, dark_ink: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Steps 7-8: working copy float32 [h, w] and step 6's findings -> (ink float32 [h, w]
-    in 0..1, noise').
+    in 0..1, step 9's mask bool [h, w]), the mask computed once: step 8's second try needs it.
 
     0 = paper, 1 = the ink's typical core strength. Raises PictureError for a blank picture.
     """
@@ -793,19 +793,21 @@ def ink_strength(work: np.ndarray, dark_ink: bool, size: int) -> tuple[np.ndarra
     if ring_zero < zero:
         zero, noise = ring_zero, ring_noise
     found, peak = _stretch(strength, smooth, zero, noise)
-    if found is None or not ink_mask(*found).any():
+    mask = None if found is None else ink_mask(*found)
+    if mask is None or not mask.any():
         # A tight crop whose ink covers much of its border: the medians' noise (or zero) is
         # the ink's, so nothing stands out. Second try: the ring's paper side.
         paper_side = ring_paper_side(ring)
         if paper_side is not None:
             second, _ = _stretch(strength, smooth, *paper_side)
-            if second is not None and ink_mask(*second).any():
-                found = second
+            second_mask = None if second is None else ink_mask(*second)
+            if second_mask is not None and second_mask.any():
+                found, mask = second, second_mask
     if found is None:
         raise PictureError(
             f"empty picture: no ink found (strongest contrast {max(peak, 0.0):.3f}, need {MIN_CONTRAST})"
         )
-    return found
+    return found[0], mask
 
 
 def _stretch(strength: np.ndarray, smooth: np.ndarray, zero: float,
@@ -916,10 +918,10 @@ def ink_mask(ink: np.ndarray, noise: float) -> np.ndarray:
     return _box3(ink) > np.float32(max(0.35, 4 * noise))
 
 
-def digit_mask(ink: np.ndarray, noise: float, work: np.ndarray, dark_ink: bool) -> np.ndarray:
-    """Step 9: the digit's pixels bool [h, w]: the main ink components, specks and far marks
-    dropped. Raises PictureError when what is kept is not digit-like."""
-    mask = ink_mask(ink, noise)
+def digit_mask(mask: np.ndarray, work: np.ndarray, dark_ink: bool) -> np.ndarray:
+    """Step 9: step 9's mask bool [h, w] (from ink_strength) -> the digit's pixels bool [h, w]:
+    the main ink components, specks and far marks dropped. Raises PictureError when what is
+    kept is not digit-like."""
     halved = max(mask.shape) > POLARITY_HALF_ABOVE
     labels, areas = components(_blocks_any(mask) if halved else mask)
     if len(areas) <= 1:
@@ -1061,8 +1063,8 @@ def grey_to_mnist(v: np.ndarray) -> np.ndarray:
             return grey
     work = working_copy(v)
     dark_ink, size = polarity_and_window(work)
-    ink, noise = ink_strength(work, dark_ink, size)
-    mask = digit_mask(ink, noise, work, dark_ink)
+    ink, mask = ink_strength(work, dark_ink, size)
+    mask = digit_mask(mask, work, dark_ink)
     patch, patch_mask = crop(ink, mask)
     patch = normalise_strokes(patch, patch_mask)
     return place_by_mass(fit_box(patch))
