@@ -2,10 +2,10 @@
 
 Each stage (train, export, serve) declares a frozen dataclass whose fields are its settings,
 with a `help` string in each field's metadata. `parse_config(Config, argv)` turns the fields
-into `--kebab-case` flags (argparse rejects unknown flags and badly typed values), checks the
-bounds the fields declare (`field(..., at_least=1)`: check_bounds, one rule and one message
-for every number setting), runs the dataclass' own `validate()` if it has one (which calls
-check_bounds too, for configs made in code), and returns the resolved config. `save_config`
+into `--kebab-case` flags (argparse rejects unknown flags and badly typed values), runs the
+dataclass' own `validate()`, which starts with check_bounds (the bounds the fields declare,
+`field(..., at_least=1)`: one rule and one message for every number setting), or check_bounds
+alone for a dataclass without one, and returns the resolved config. `save_config`
 writes it as JSON beside what the stage produced.
 
 Pure Python: the REST client and the local server's argument parsing import it without
@@ -205,10 +205,7 @@ def parse_config(
     values = {**overrides, **vars(namespace)}
     try:
         config = config_cls(**values)
-        check_bounds(config)
-        validate = getattr(config, "validate", None)
-        if validate is not None:
-            validate()
+        _validate(config)
     except ConfigError as err:
         parser.error(str(err))  # exits with status 2 and the usage line
     return config
@@ -217,11 +214,18 @@ def parse_config(
 def replace(config: C, **changes: Any) -> C:
     """dataclasses.replace that also re-runs validate()."""
     new = dataclasses.replace(config, **changes)
-    check_bounds(new)
-    validate = getattr(new, "validate", None)
-    if validate is not None:
-        validate()
+    _validate(new)
     return new
+
+
+def _validate(config: Any) -> None:
+    """The config's own validate() (which checks the declared bounds first: every stage's
+    does, tests/test_common.py checks it), or check_bounds alone for a config without one."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        check_bounds(config)
+    else:
+        validate()
 
 
 def to_jsonable(value: Any) -> Any:

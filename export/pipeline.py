@@ -59,6 +59,7 @@ class ExportConfig:
     )
 
     def validate(self) -> None:
+        check_bounds(self)
         if not (Path(self.run) / contract.RUN_MODEL_FILE).is_file():
             raise ConfigError(
                 f"--run {self.run}: no {contract.RUN_MODEL_FILE} there. Train first (make train) "
@@ -66,7 +67,6 @@ class ExportConfig:
             )
         if not (Path(self.run) / contract.RUN_METRICS_FILE).is_file():
             raise ConfigError(f"--run {self.run}: no {contract.RUN_METRICS_FILE}; the run did not finish")
-        check_bounds(self)
         if not self.saved_model and not self.tflite:
             raise ConfigError("nothing to do: both --no-saved-model and --no-tflite were given")
 

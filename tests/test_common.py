@@ -98,3 +98,41 @@ def test_parse_config_checks_the_declared_bounds_without_a_validate(capsys):
         parse_config(Bounded, ["--share", "1.5"])
     assert exited.value.code == 2
     assert "--share must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+STAGE_MODULES = ("model.cluster", "model.bench", "model.bench_multiworker", "model.train", "export.pipeline",
+                 "serving.query", "serving.config_files", "serving.bench", "serving.settings", "serving.demo",
+                 "pi.smoke", "pi.bench_mobile")
+
+
+def _bounded_configs():
+    """(class, field, a value out of its bounds) for every stage config field that declares bounds."""
+    import dataclasses
+    import importlib
+
+    from common.configlib import BOUNDS
+
+    for module_name in STAGE_MODULES:
+        module = importlib.import_module(module_name)
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == module_name):
+                continue
+            for f in dataclasses.fields(cls):
+                at_least, above, at_most, below = (f.metadata.get(key) for key in BOUNDS)
+                low = at_least if at_least is not None else above
+                if low is not None:
+                    yield pytest.param(cls, f.name, low - 1, id=f"{cls.__name__}.{f.name}")
+                elif at_most is not None or below is not None:
+                    high = at_most if at_most is not None else below
+                    yield pytest.param(cls, f.name, high + 1, id=f"{cls.__name__}.{f.name}")
+
+
+@pytest.mark.parametrize("cls, name, bad", list(_bounded_configs()))
+def test_every_stage_config_checks_its_declared_bounds_in_validate(cls, name, bad):
+    """parse_config and configlib.replace run validate() alone when a config has one, so each
+    stage's validate() must check the bounds its fields declare."""
+    config = cls(**{name: bad})
+    if not hasattr(config, "validate"):
+        pytest.fail(f"{cls.__name__} declares bounds but has no validate()")
+    with pytest.raises(ValueError, match=name.replace("_", "[-_]")):
+        config.validate()
