@@ -3,7 +3,7 @@
 Each stage (train, export, serve) declares a frozen dataclass whose fields are its settings,
 with a `help` string in each field's metadata. `parse_config(Config, argv)` turns the fields
 into `--kebab-case` flags (argparse rejects unknown flags and badly typed values), runs the
-dataclass' own `validate()`, which starts with check_bounds (the bounds the fields declare,
+dataclass' own `validate()`, which calls check_bounds (the bounds the fields declare,
 `field(..., at_least=1)`: one rule and one message for every number setting), or check_bounds
 alone for a dataclass without one, and returns the resolved config. `save_config`
 writes it as JSON beside what the stage produced.
@@ -219,8 +219,9 @@ def replace(config: C, **changes: Any) -> C:
 
 
 def _validate(config: Any) -> None:
-    """The config's own validate() (which checks the declared bounds first: every stage's
-    does, tests/test_common.py checks it), or check_bounds alone for a config without one."""
+    """The config's own validate() (which checks the declared bounds: every stage's does,
+    before anything on disk; tests/test_common.py checks it), or check_bounds alone for a
+    config without one."""
     validate = getattr(config, "validate", None)
     if validate is None:
         check_bounds(config)

@@ -70,9 +70,9 @@ class MobileBenchConfig:
     out: Path = field(Path("artifacts/bench/mobile.json"), "where to write the results")
 
     def validate(self) -> None:
+        check_bounds(self)
         if not (Path(self.models_dir) / contract.MOBILE_MODEL_FILE).is_file():
             raise ConfigError(f"--models-dir {self.models_dir}: no {contract.MOBILE_MODEL_FILE} there. Run make train / make export first.")
-        check_bounds(self)
         from model.pictures import KINDS
 
         unknown = set(self.kinds) - set(KINDS)
