@@ -304,6 +304,49 @@ def test_narrow_pictures_whose_frame_is_shorter_than_a_doubling(graph, fixture_m
         assert_same(photo.data, graph, f"{size[1]}x{size[0]} photo")
 
 
+# --- the primitives behind steps 6 and 7: equal, not just close --------------------------------
+# The graph computes step 6's top-hats and step 7's closings its own way (running extremes by
+# doubling on shrinking "valid" frames, all windows sharing one padded stack): a wrong offset
+# or a window reaching a pixel too far shows here as a changed value, even where the 28x28
+# picture would still come out within the parity tolerance. Max, min and subtraction are
+# exact in float32, so the two implementations must agree to the bit.
+FRAMES = ((1, 9), (5, 7), (17, 33), (60, 61), (96, 128), (128, 96))
+
+
+@pytest.fixture(scope="module")
+def primitives():
+    import tensorflow as tf
+
+    from export import picture_graph
+
+    closings = tf.function(picture_graph.both_closings)
+    top_hats = tf.function(picture_graph.top_hats)
+    return closings, top_hats
+
+
+@pytest.mark.parametrize("shape", FRAMES)
+def test_the_graphs_closings_equal_the_pis_for_every_window(shape, primitives):
+    closings, _ = primitives
+    values = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    for size in (1, 3, 7, 9, 15, 33, 65, 129):
+        for dark in (True, False):
+            padded, clipped = (t.numpy() for t in closings(values, np.int32(size), dark))
+            np.testing.assert_array_equal(padded, pre._closing(values, size, dark, pad_edges=True), f"{shape} {size} {dark}")
+            np.testing.assert_array_equal(clipped, pre._closing(values, size, dark, pad_edges=False), f"{shape} {size} {dark}")
+
+
+@pytest.mark.parametrize("shape", FRAMES)
+def test_the_graphs_top_hats_equal_the_pis_for_every_polarity_window(shape, primitives):
+    _, top_hats = primitives
+    rng = np.random.default_rng(sum(shape) + 1)
+    log_dark, log_light = (np.log(rng.random(shape) + 0.1).astype(np.float32) for _ in range(2))
+    hats = top_hats(log_dark, log_light).numpy()
+    assert hats.shape == (len(pre.POLARITY_WINDOWS), 2, *shape)
+    for i, k in enumerate(pre.POLARITY_WINDOWS):  # as mobile.preprocess.polarity_and_window
+        np.testing.assert_array_equal(hats[i, 0], pre._closing(log_dark, k, dark_ink=True) - log_dark, f"black {k}")
+        np.testing.assert_array_equal(hats[i, 1], log_light - pre._closing(log_light, k, dark_ink=False), f"white {k}")
+
+
 # --- bad pictures: the same refusal on both paths ----------------------------------------------
 def _png_header(width: int, height: int) -> bytes:
     """A PNG's signature and IHDR (8-bit RGB) declaring this size: all a bomb needs to start."""
