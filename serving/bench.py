@@ -28,7 +28,9 @@ client CLI's two predict paths (pixels preprocessed on the client, and --bytes),
 per kind and path the accuracy, the refusals, and whether the model saw the same 28x28
 picture as the Pi's preprocessing makes (mnist_image, within the parity tolerance of
 export/verify.py); then the latency of a 1-megapixel JPEG
-photo through serving_bytes with one client (target p50 <= 10 ms).
+photo through serving_bytes with one client (target p50 <= 10 ms), with the server's own
+account of it (its request_latency and runtime_latency histograms): how long it held each
+request and how long the model run took, so the p50 splits into graph, server and client.
 """
 
 from __future__ import annotations
@@ -416,18 +418,27 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def batches_run(rest_url: str) -> tuple[float, float] | None:
-    """(rows, batches) the server has run so far, from its own Prometheus page; None where
-    that page is off or unreachable."""
+def server_histograms(rest_url: str, *names: str) -> list[tuple[float, float]] | None:
+    """(sum, count) so far of each histogram in `names` (serving/metrics.py), from the
+    server's own Prometheus page; None where that page is off or unreachable."""
     import urllib.request
 
-    from serving.metrics import PROCESSED_BATCH_SIZE, histogram_totals
+    from serving.metrics import histogram_totals
 
     try:
         with urllib.request.urlopen(f"{rest_url}/monitoring/prometheus/metrics", timeout=10) as response:
-            return histogram_totals(response.read().decode("utf-8"), PROCESSED_BATCH_SIZE)
+            page = response.read().decode("utf-8")
     except OSError:
         return None
+    return [histogram_totals(page, name) for name in names]
+
+
+def batches_run(rest_url: str) -> tuple[float, float] | None:
+    """(rows, batches) the server has run so far; None where its metrics page is off."""
+    from serving.metrics import PROCESSED_BATCH_SIZE
+
+    totals = server_histograms(rest_url, PROCESSED_BATCH_SIZE)
+    return totals[0] if totals else None
 
 
 def _load_client_modules(protocols: Sequence[str]) -> None:
@@ -559,9 +570,11 @@ def measure_pictures(server: Any, config: BenchConfig, log: Any = print) -> dict
             log(f"pictures {kind:8s}: REST {entry['rest']['accuracy']:.4f}  gRPC {entry['grpc']['accuracy']:.4f}  "
                 f"CLI predict {entry['cli_predict']['accuracy']:.4f}  predict --bytes {entry['cli_predict_bytes']['accuracy']:.4f}  "
                 f"(paths agree: {entry['cli_paths_agree']}; 28x28 as the Pi's: {entry['rest']['same_28x28_as_the_pi']})")
-        latency = _photo_1mp_latency(rest, grpc_client, test.images[0], config)
+        latency = _photo_1mp_latency(rest, grpc_client, test.images[0], config, server.rest_url)
     log(f"1-MP JPEG photo through serving_bytes, one client: REST p50 {latency['rest']['p50_ms']:.1f} ms, "
-        f"gRPC p50 {latency['grpc']['p50_ms']:.1f} ms (target {PICTURE_TARGETS['photo_1mp_p50_ms']} ms)")
+        f"gRPC p50 {latency['grpc']['p50_ms']:.1f} ms (target {PICTURE_TARGETS['photo_1mp_p50_ms']} ms); "
+        f"model run (mean) REST {latency['rest'].get('model_run_mean_ms', float('nan')):.1f} ms, "
+        f"gRPC {latency['grpc'].get('model_run_mean_ms', float('nan')):.1f} ms")
     mnist = kinds.get("mnist")
     targets = {
         "every_kind_and_path_accuracy": {
@@ -650,24 +663,36 @@ def _pixels_path(client: Any, pi: list, truth: np.ndarray) -> dict[str, Any]:
     return {"accuracy": float((digits == truth).mean()), "refused": int((digits == -1).sum()), "digits": digits.tolist()}
 
 
-def _photo_1mp_latency(rest: Any, grpc_client: Any, digit: np.ndarray, config: BenchConfig) -> dict[str, Any]:
+def _photo_1mp_latency(rest: Any, grpc_client: Any, digit: np.ndarray, config: BenchConfig,
+                       rest_url: str) -> dict[str, Any]:
     """p50/p99 of one 1-megapixel (1155 x 866) JPEG photo through serving_bytes, one client,
-    after 10 untimed requests."""
+    after 10 untimed requests; and, from the server's own histograms over the timed requests
+    (means, in ms), how long the server held each request (`server_request_mean_ms`) and how
+    much of that was the model run (`model_run_mean_ms`: the SavedModel's graph, decoding the
+    picture included): the rest of the p50 is the client and the connection."""
     from model.pictures import synthesize_photo
+    from serving.metrics import REQUEST_LATENCY, RUNTIME_LATENCY
 
     photo = synthesize_photo(digit, np.random.default_rng(1), size=(866, 1155), jpeg=True)
     out: dict[str, Any] = {"size": [866, 1155], "bytes": len(photo.data), "load_average_before": list(os.getloadavg())}
     for name, client in (("rest", rest), ("grpc", grpc_client)):
         for _ in range(10):
             client.predict_encoded([photo.data], validate=False)
+        before = server_histograms(rest_url, REQUEST_LATENCY, RUNTIME_LATENCY)
         seconds = []
         for _ in range(config.picture_latency_runs):
             t0 = time.perf_counter()
             client.predict_encoded([photo.data], validate=False)
             seconds.append(time.perf_counter() - t0)
+        after = server_histograms(rest_url, REQUEST_LATENCY, RUNTIME_LATENCY)
         latency = latency_stats(seconds, 1e3)
         out[name] = {"runs": len(seconds), "p50_ms": round(latency["p50"], 2),
                      "p99_ms": round(latency["p99"], 2)}
+        if before and after:
+            for key, (sum_before, count_before), (sum_after, count_after) in zip(
+                    ("server_request_mean_ms", "model_run_mean_ms"), before, after):
+                if count_after > count_before:
+                    out[name][key] = round((sum_after - sum_before) / (count_after - count_before) / 1e3, 2)
     out["load_average_after"] = list(os.getloadavg())
     return out
 

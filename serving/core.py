@@ -25,7 +25,7 @@ import numpy as np
 from common import contract
 from serving import batching, config_files
 from serving import protocol as pr
-from serving.metrics import BATCH_BUCKETS, PADDING_SIZE, PROCESSED_BATCH_SIZE, Metrics
+from serving.metrics import BATCH_BUCKETS, PADDING_SIZE, PROCESSED_BATCH_SIZE, REQUEST_LATENCY, RUNTIME_LATENCY, Metrics
 
 MAX_BATCH_QUEUES_PER_VERSION = 8  # distinct (signature, row shape, outputs) combinations batched
 
@@ -157,18 +157,30 @@ class ServingCore:
         signature, run, queue, rows = self._route(servable, signature_name, inputs, output_filter)
         if arrival is not None:
             arrival.queued()
+        started = time.perf_counter()
+        outputs = await self._run(run, queue, inputs, rows, gather, deadline)
+        # predict_util.cc's RunPredict times the Session::Run after validation (with batching,
+        # that call waits in the batch queue too) and records successful runs only.
+        self.metrics.observe(RUNTIME_LATENCY, (time.perf_counter() - started) * 1e6,
+                             model_name=servable.name, API="Predict", runtime="TF1")
+        return signature, outputs
+
+    async def _run(self, run: Callable, queue: "batching.BatchQueue | None", inputs: dict[str, np.ndarray],
+                   rows: int, gather: bool, deadline: float | None) -> dict[str, np.ndarray]:
+        """The model run of `predict`: unbatched on the executor, inline for a lone cheap
+        request, else through the batch queue."""
         handoff = self.loop_handoff(gather)
         if queue is None:
             left = None if deadline is None else deadline - time.monotonic()
-            return signature, await handoff.result(self.executor.submit(run, inputs, left))
+            return await handoff.result(self.executor.submit(run, inputs, left))
         if self._lone_request() and cheap(inputs):
             # Handlers run one at a time: let those of requests read in this same loop
             # iteration start (and count as in flight) before judging this one alone.
             await asyncio.sleep(0)
             outputs = queue.run_inline_if_idle(inputs, rows, deadline) if self._lone_request() else None
             if outputs is not None:
-                return signature, outputs
-        return signature, await handoff.result(handoff.submit(queue, inputs, rows, deadline))
+                return outputs
+        return await handoff.result(handoff.submit(queue, inputs, rows, deadline))
 
     def loop_handoff(self, gather: bool = False) -> "_LoopHandoff":
         """The running loop's hand-off to the batch workers, one per gather mode."""
@@ -250,7 +262,7 @@ class ServingCore:
             model = ""
         self.metrics.inc(":tensorflow:serving:request_count", model_name=model, status=code)
         if code == "OK":
-            self.metrics.observe(":tensorflow:serving:request_latency", (time.perf_counter() - started) * 1e6,
+            self.metrics.observe(REQUEST_LATENCY, (time.perf_counter() - started) * 1e6,
                                  model_name=model, API=api, entrypoint=entrypoint)
 
 

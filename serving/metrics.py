@@ -4,6 +4,9 @@ Names are TF Serving's monitoring names with '/' turned into ':' as its exporter
 
     :tensorflow:serving:request_count{model_name, status}         counter
     :tensorflow:serving:request_latency{model_name, API, entrypoint}   histogram, microseconds
+    :tensorflow:serving:runtime_latency{model_name, API, runtime}      histogram, microseconds:
+        the model run of each successful Predict (servables/tensorflow/util.cc, recorded by
+        predict_util.cc around Session::Run; with batching, the wait for the batch too)
     :tensorflow:serving:batching_session:processed_batch_size     histogram, rows per run
     :tensorflow:serving:batching_session:padding_size             histogram, padded rows
     :tensorflow:cc:saved_model:load_attempt_count{model_path, status}  counter
@@ -24,6 +27,8 @@ BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 13))
 
 PROCESSED_BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
 PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
+REQUEST_LATENCY = ":tensorflow:serving:request_latency"
+RUNTIME_LATENCY = ":tensorflow:serving:runtime_latency"
 
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:

@@ -370,6 +370,29 @@ def test_metrics_page(server, images):
     assert ":tensorflow:serving:request_latency_bucket" in response.text
 
 
+def test_runtime_latency_counts_each_successful_predict_model_run(server, images):
+    """servables/tensorflow/util.cc's runtime_latency{model_name, API, runtime}, recorded by
+    predict_util.cc around Session::Run: one sample per successful Predict, none for a request
+    refused before or during the run, and no longer than the request it is part of."""
+    from serving.metrics import REQUEST_LATENCY, RUNTIME_LATENCY, histogram_totals
+
+    def totals() -> tuple[tuple[float, float], tuple[float, float]]:
+        page = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10).text
+        return histogram_totals(page, RUNTIME_LATENCY), histogram_totals(page, REQUEST_LATENCY)
+
+    (run_sum, runs), (request_sum, requests_before) = totals()
+    good_rest_request(server, images)
+    bad = requests.post(server.rest_url + "/v1/models/mnist:predict", timeout=30,
+                        json={"signature_name": contract.SIGNATURE_BYTES,
+                              "instances": [{contract.INPUT_BYTES: {"b64": base64.b64encode(b"not a picture").decode()}}]})
+    assert bad.status_code == 400
+    (run_sum_after, runs_after), (request_sum_after, requests_after) = totals()
+    assert runs_after == runs + 1 and requests_after == requests_before + 1
+    assert 0 < run_sum_after - run_sum <= request_sum_after - request_sum
+    page = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10).text
+    assert f'{RUNTIME_LATENCY}_count{{API="Predict",model_name="mnist",runtime="TF1"}}' in page
+
+
 # --------------------------------------------------------------------------------------------
 # TF Serving 2.21's answers, end to end (details in test_serving_compat.py)
 # --------------------------------------------------------------------------------------------
