@@ -420,13 +420,15 @@ def _own_cpu() -> float:
 
 def server_histograms(rest_url: str, *names: str) -> list[tuple[float, float]] | None:
     """(sum, count) so far of each histogram in `names` (serving/metrics.py), from the
-    server's own Prometheus page; None where that page is off or unreachable."""
+    server's own Prometheus page (at TF Serving's default path, which serving/monitoring.config
+    keeps); None where that page is off or unreachable."""
     import urllib.request
 
+    from serving.config_files import MONITORING_DEFAULT_PATH
     from serving.metrics import histogram_totals
 
     try:
-        with urllib.request.urlopen(f"{rest_url}/monitoring/prometheus/metrics", timeout=10) as response:
+        with urllib.request.urlopen(rest_url + MONITORING_DEFAULT_PATH, timeout=10) as response:
             page = response.read().decode("utf-8")
     except OSError:
         return None

@@ -374,11 +374,11 @@ def test_runtime_latency_counts_each_successful_predict_model_run(server, images
     """servables/tensorflow/util.cc's runtime_latency{model_name, API, runtime}, recorded by
     predict_util.cc around Session::Run: one sample per successful Predict, none for a request
     refused before or during the run, and no longer than the request it is part of."""
-    from serving.metrics import REQUEST_LATENCY, RUNTIME_LATENCY, histogram_totals
+    from serving.bench import server_histograms
+    from serving.metrics import REQUEST_LATENCY, RUNTIME_LATENCY
 
-    def totals() -> tuple[tuple[float, float], tuple[float, float]]:
-        page = requests.get(server.rest_url + "/monitoring/prometheus/metrics", timeout=10).text
-        return histogram_totals(page, RUNTIME_LATENCY), histogram_totals(page, REQUEST_LATENCY)
+    def totals() -> list[tuple[float, float]]:
+        return server_histograms(server.rest_url, RUNTIME_LATENCY, REQUEST_LATENCY)
 
     (run_sum, runs), (request_sum, requests_before) = totals()
     good_rest_request(server, images)
