@@ -309,7 +309,8 @@ def test_narrow_pictures_whose_frame_is_shorter_than_a_doubling(graph, fixture_m
 # doubling on shrinking "valid" frames, all windows sharing one padded stack): a wrong offset
 # or a window reaching a pixel too far shows here as a changed value, even where the 28x28
 # picture would still come out within the parity tolerance. Max, min and subtraction are
-# exact in float32, so the two implementations must agree to the bit.
+# exact in float32, so the two implementations must agree to the bit (the 2x2 block mean too:
+# both add in the same order).
 FRAMES = ((1, 9), (5, 7), (17, 33), (60, 61), (96, 128), (128, 96))
 
 
@@ -341,10 +342,30 @@ def test_the_graphs_top_hats_equal_the_pis_for_every_polarity_window(shape, prim
     rng = np.random.default_rng(sum(shape) + 1)
     log_dark, log_light = (np.log(rng.random(shape) + 0.1).astype(np.float32) for _ in range(2))
     hats = top_hats(log_dark, log_light).numpy()
-    assert hats.shape == (len(pre.POLARITY_WINDOWS), 2, *shape)
-    for i, k in enumerate(pre.POLARITY_WINDOWS):  # as mobile.preprocess.polarity_and_window
-        np.testing.assert_array_equal(hats[i, 0], pre._closing(log_dark, k, dark_ink=True) - log_dark, f"black {k}")
-        np.testing.assert_array_equal(hats[i, 1], log_light - pre._closing(log_light, k, dark_ink=False), f"white {k}")
+    pi_hats = pre.top_hats(log_dark, log_light)
+    assert hats.shape == pi_hats.shape == (len(pre.POLARITY_WINDOWS), 2, *shape)
+    # Both shared-doubling forms equal the definition: each window's closing, one at a time.
+    for i, k in enumerate(pre.POLARITY_WINDOWS):
+        black = pre._closing(log_dark, k, dark_ink=True) - log_dark
+        white = log_light - pre._closing(log_light, k, dark_ink=False)
+        for name, found in (("graph", hats), ("Pi", pi_hats)):
+            np.testing.assert_array_equal(found[i, 0], black, f"{name} black {k}")
+            np.testing.assert_array_equal(found[i, 1], white, f"{name} white {k}")
+
+
+@pytest.mark.parametrize("shape", [shape for shape in FRAMES if min(shape) >= 2])
+def test_the_graphs_2x2_blocks_equal_the_pis(shape):
+    """The 2x2 block min, max and mean of steps 6 and 7: the mean adds in the order of
+    TensorFlow's 2x2 average pooling, so the same float32 bits (a sum in another order differs
+    in the last bit, and step 6 thresholds what it gives)."""
+    import tensorflow as tf
+
+    from export import picture_graph
+
+    values = np.random.default_rng(sum(shape) + 2).random(shape).astype(np.float32)
+    for op in ("min", "max", "mean"):
+        graph = tf.function(lambda x, op=op: picture_graph.blocks2(x, op))(values).numpy()
+        np.testing.assert_array_equal(graph, pre._blocks(values, op), op)
 
 
 # --- bad pictures: the same refusal on both paths ----------------------------------------------
