@@ -84,7 +84,7 @@ def read_header(data):
 
     Asserts (INVALID_ARGUMENT) what mobile.preprocess.read_header raises for.
     """
-    raw = _bytes(data, 30)
+    raw = _bytes(data, 34)
     length = tf.strings.length(data)
     is_png = _matches(raw, 0, b"\x89PNG\r\n\x1a\n")
     is_jpeg = _matches(raw, 0, b"\xff\xd8\xff")
@@ -131,7 +131,7 @@ def read_header(data):
     def bmp():
         core = tf.equal(u32le(14), 12)
         size = tf.where(core, tf.stack([u16le(18), u16le(20)]), tf.stack([i32le(18), i32le(22)]))
-        return size, tf.constant(26, tf.int32)
+        return size, tf.constant(34, tf.int32)
 
     def webp():
         vp8x = _matches(raw, 12, b"VP8X")
@@ -155,6 +155,17 @@ def read_header(data):
     size = _guard(size, size[0] * size[1] <= limit, tf.strings.join([
         tf.strings.format("picture too large: {}x{} pixels declared, over the ", [width, height]),
         limit_text, "-megapixel limit for ", name, " (refused before decoding; downscale it)"]))
+    # A BMP that TensorFlow's BMP decoder reads right (= mobile.preprocess._check_bmp).
+    header_size = u32le(14)
+    core = header_size < 40
+    bits = tf.where(core, u16le(24), u16le(28))
+    compression = tf.where(core, tf.constant(0, tf.int64), u32le(30))
+    readable = (~core & ((bits == 8) | (bits == 24) | (bits == 32))
+                & ((compression == 0) | ((compression == 3) & (bits == 32))))
+    size = _guard(size, ~tf.equal(code, 2) | readable, tf.strings.format(
+        "BMP not accepted: {} bits per pixel, compression {}, a {}-byte header (accepted: 8, 24 or "
+        "32 bits per pixel, uncompressed, a header of 40 bytes or more): send PNG or JPEG",
+        [bits, compression, header_size]))
     return code, size[0], size[1]
 
 
@@ -257,24 +268,38 @@ def decode(data, code, width, height):
     """Steps 2-3: grey v float32 [H, W] in 0..1 (reduced by blocks when large)."""
     def jpeg():
         r = jpeg_scale(width, height)
+        # libjpeg gives no grey of a CMYK (or YCCK) JPEG: its RGB, then Pillow's CMYK -> L.
+        four = tf.equal(tf.io.extract_jpeg_shape(data)[2], 4)
 
         def at(ratio):
-            return lambda: tf.io.decode_jpeg(data, channels=1, ratio=ratio, dct_method="INTEGER_ACCURATE")
+            def luma():
+                return tf.cast(tf.io.decode_jpeg(data, channels=1, ratio=ratio, dct_method="INTEGER_ACCURATE")[:, :, 0], tf.int32)
+
+            def cmyk():
+                rgb = tf.cast(tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE"), tf.int32)
+                return tf.bitwise.right_shift(rgb[:, :, 0] * 19595 + rgb[:, :, 1] * 38470 + rgb[:, :, 2] * 7471 + 32768, 16)
+
+            return lambda: tf.cond(four, cmyk, luma)
 
         grey = tf.switch_case(tf.cast(tf.math.log(tf.cast(r, tf.float32)) / math.log(2.0) + 0.5, tf.int32),
                               [at(1), at(2), at(4), at(8)])
-        v = tf.cast(grey[:, :, 0], tf.float32) / 255.0
+        v = tf.cast(grey, tf.float32) / 255.0
         return _orient(v, jpeg_orientation(data))
 
+    # PNG and WebP decode with their own channels, then become RGBA here: decode_png(channels=4)
+    # fills the alpha of 1-, 2- and 4-bit pictures with 1, 3 or 15 instead of 255, and the
+    # WebP decoder refuses 4 channels for a picture without alpha.
     def png():
-        return grey_from_rgba(tf.io.decode_png(data, channels=4))
+        return grey_from_rgba(as_rgba(tf.io.decode_png(data, channels=0)))
 
     def bmp():
-        rgb = tf.io.decode_bmp(data, channels=3)
-        return grey_from_rgba(tf.concat([rgb, tf.fill(tf.concat([tf.shape(rgb)[:2], [1]], 0), tf.constant(255, tf.uint8))], -1))
+        pixels = tf.io.decode_bmp(data, channels=0)  # 8-bit: the colour table's indices
+        rgb = tf.cond(tf.equal(tf.shape(pixels)[2], 1), lambda: _bmp_colours(data, pixels[:, :, 0]),
+                      lambda: pixels[:, :, :3])
+        return grey_from_rgba(as_rgba(rgb))
 
     def webp():
-        return grey_from_rgba(tf.io.decode_image(data, channels=4, expand_animations=False))
+        return grey_from_rgba(as_rgba(tf.io.decode_image(data, channels=0, expand_animations=False)))
 
     v = tf.switch_case(code, [png, jpeg, bmp, webp])
     v.set_shape([None, None])
@@ -283,6 +308,36 @@ def decode(data, code, width, height):
 
 def _ring(values):
     return tf.concat([values[0], values[-1], values[:, 0], values[:, -1]], 0)
+
+
+def as_rgba(pixels):
+    """uint8 [H, W, 1|2|3|4] as a decoder gives it (grey, grey + alpha, RGB, RGBA) -> uint8
+    [H, W, 4]: grey repeated into R, G and B, alpha 255 where there is none (as Pillow's
+    convert("RGBA"))."""
+    channels = tf.shape(pixels)[2]
+    opaque = tf.fill(tf.concat([tf.shape(pixels)[:2], [1]], 0), tf.constant(255, tf.uint8))
+    grey = pixels[:, :, :1]
+    rgba = tf.switch_case(channels - 1, [
+        lambda: tf.concat([grey, grey, grey, opaque], -1),
+        lambda: tf.concat([grey, grey, grey, pixels[:, :, 1:2]], -1),
+        lambda: tf.concat([pixels[:, :, :3], opaque], -1),
+        lambda: pixels[:, :, :4],
+    ])
+    rgba.set_shape([None, None, 4])
+    return rgba
+
+
+def _bmp_colours(data, indices):
+    """An 8-bit BMP's pixels uint8 [H, W] (indices) -> RGB uint8 [H, W, 3] through its colour
+    table: after the info header (its size at offset 14), biClrUsed entries (offset 46; 0 =
+    256) of B, G, R, reserved."""
+    head = _bytes(data, 50)
+    header_size = head[14] + head[15] * 256 + head[16] * 65536 + head[17] * 2**24
+    used = head[46] + head[47] * 256 + head[48] * 65536 + head[49] * 2**24
+    count = tf.where((used == 0) | (used > 256), tf.constant(256, tf.int64), used)
+    table = tf.io.decode_raw(tf.strings.substr(data, 14 + header_size, 4 * count), tf.uint8)
+    table = tf.reshape(tf.pad(table, [[0, 1024 - tf.shape(table)[0]]]), [256, 4])
+    return tf.gather(tf.stack([table[:, 2], table[:, 1], table[:, 0]], 1), tf.cast(indices, tf.int32))
 
 
 def grey_from_rgba(pixels):
@@ -439,44 +494,16 @@ def top_hats(log_dark, log_light):
     """Step 6's black top-hats of `log_dark` and white top-hats of `log_light` for every
     window in POLARITY_WINDOWS: float32 [windows, 2, H, W] (black, white).
 
-    Both run at once: the white top-hat of x is the black top-hat of -x, so the two copies are
-    stacked as [log_dark, -log_light] and closed together. The windows are 2**j + 1 pixels,
-    and the stack is padded once by edge replication of twice the largest half-window (more
-    edge replication than a window needs changes nothing), so every pass takes "valid"
-    windows, without fills or clipping: the running max of 2**j x 2**j blocks is shared by all
-    windows (each doubling one pass along each axis), a window of 2**j + 1 is two of them one
-    pixel apart, and its closing's min pass runs on just the part the centre needs.
+    The passes are mobile.preprocess.top_hat_ladder's, on tensors; the stack's edge
+    replication is a gather of clipped row and column indices (shapes are dynamic here).
     """
-    pad = 2 * (max(spec.POLARITY_WINDOWS) // 2)
+    pad = spec.TOP_HAT_PAD
     h, w = tf.shape(log_dark)[0], tf.shape(log_dark)[1]
     stack = tf.stack([log_dark, -log_light])  # [2, H, W]
     rows = tf.clip_by_value(tf.range(-pad, h + pad), 0, h - 1)
     cols = tf.clip_by_value(tf.range(-pad, w + pad), 0, w - 1)
-    blocks = tf.gather(tf.gather(stack, rows, axis=1), cols, axis=2)  # max over 1x1 blocks
-    hats = []
-    span = 1
-    for k in spec.POLARITY_WINDOWS:
-        reach = k - 1  # a power of two: the window is reach + 1 pixels
-        assert reach & (reach - 1) == 0, "POLARITY_WINDOWS must be 2**j + 1"
-        while span < reach:
-            blocks = _valid_pair(blocks, span, tf.maximum)
-            span *= 2
-        grown = _valid_pair(blocks, 1, tf.maximum)  # [i, j]: window centred at (i, j) + reach / 2
-        # The min pass at the picture's pixels reads the max at +- reach / 2 around them.
-        closed = grown[:, pad - reach : pad + h, pad - reach : pad + w]
-        step = 1
-        while step < reach:
-            closed = _valid_pair(closed, step, tf.minimum)
-            step *= 2
-        hats.append(_valid_pair(closed, 1, tf.minimum) - stack)
-    return tf.stack(hats)
-
-
-def _valid_pair(values, shift: int, extreme):
-    """extreme of [C, H, W] and itself shifted by `shift` along axes 1 and 2, valid part only:
-    [C, H - shift, W - shift] (blocks of s x s pixels -> of (s + shift) x (s + shift))."""
-    values = extreme(values[:, :-shift], values[:, shift:])
-    return extreme(values[:, :, :-shift], values[:, :, shift:])
+    padded = tf.gather(tf.gather(stack, rows, axis=1), cols, axis=2)
+    return tf.stack(spec.top_hat_ladder(stack, padded, h, w, tf.maximum, tf.minimum))
 
 
 def quantile(values, q, lo: float, hi: float, weights=None):
@@ -848,7 +875,8 @@ def _check_digit_like(kept, work, dark_ink):
     height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
     h, w = tf.shape(kept, out_type=tf.int64)[0], tf.shape(kept, out_type=tf.int64)[1]
     kept = _guard(kept, tf.maximum(height, width) >= spec.MIN_DIGIT_SIDE, tf.strings.format(
-        "no digit-like ink: the largest mark is {}x{} px of a {}x{} working copy, too small to be a digit",
+        "no digit-like ink: the largest mark is {}x{} px of the picture scaled to {}x{}, too small to be a "
+        "digit (crop the picture closer to the digit)",
         [width, height, w, h]))
     ratio = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
     kept = _guard(kept, tf.cast(width, tf.float32) <= spec.MAX_WIDTH_RATIO * tf.cast(height, tf.float32), tf.strings.join([

@@ -28,14 +28,20 @@ its windows clipped at the borders where step 7 says so.
     so is animated WebP; anything else is "not an image". The declared width and height
     (PNG IHDR, JPEG SOF, BMP info header, WebP VP8/VP8L/VP8X) must be > 0 and their product
     at most MAX_PIXELS (MAX_JPEG_PIXELS for JPEG, decoded at reduced scale): a decompression
-    bomb is refused before anything is decoded.
+    bomb is refused before anything is decoded. A BMP must be what TensorFlow's BMP decoder
+    reads right: an info header of 40 bytes or more, 24 or 32 bits per pixel or 8 with a
+    colour table, uncompressed (BI_RGB, or BI_BITFIELDS with 32 bits).
  2. Decode. JPEG: libjpeg's grey (luma) channel with the accurate integer IDCT, at DCT scale
-    1/r, r the largest of 8, 4, 2, 1 keeping the long side >= DECODE_SIDE; then the EXIF
+    1/r, r the largest of 8, 4, 2, 1 keeping the long side >= DECODE_SIDE (a CMYK or YCCK
+    JPEG, 4 components, has no luma: libjpeg's RGB of it, then Pillow's CMYK -> L, grey =
+    (19595 R + 38470 G + 7471 B + 32768) >> 16); then the EXIF
     orientation (tag 0x0112 of IFD0 in the first APP1 "Exif" segment among the APPn segments
     right after SOI, at most JPEG_MAX_SEGMENTS of them within the first EXIF_SEARCH_BYTES; 1
     if absent or out of range 1-8) is applied as Pillow's transposes do. PNG, WebP: RGBA,
-    8 bits per channel (16-bit: the high byte). BMP: RGB. A truncated or corrupt file fails
-    in the decoder.
+    8 bits per channel (16-bit: the high byte; 1-, 2- and 4-bit grey scaled to 0..255; grey
+    repeated into R, G and B; no alpha: opaque). BMP: RGB (8-bit: through its colour table).
+    A truncated or corrupt file fails in the decoder; a PNG whose chunks, followed by their
+    lengths from the signature, end before IEND is truncated (libpng refuses it).
  3. Grey. v = (0.299 R + 0.587 G + 0.114 B) / 255 (JPEG: its luma / 255). With alpha a =
     A / 255: when more than half of the ring is transparent (A < 128) the alpha is the ink (a
     canvas with strokes of any colour): v = 1 - a; otherwise v = a v + (1 - a) (composited on
@@ -293,7 +299,7 @@ def read_header(data: bytes) -> Header:
             raise short
         width, height = struct.unpack(">II", data[16:24])
     elif fmt == "bmp":
-        if len(data) < 26:
+        if len(data) < 34:
             raise short
         if struct.unpack("<I", data[14:18])[0] == 12:
             width, height = _u16le(data, 18), _u16le(data, 20)
@@ -315,7 +321,40 @@ def read_header(data: bytes) -> Header:
     else:
         width, height = _jpeg_frame_size(data)
     check_budget(Header(fmt, int(width), int(height)))
+    if fmt == "bmp":
+        _check_bmp(data)
     return Header(fmt, int(width), int(height))
+
+
+def _check_bmp(data: bytes) -> None:
+    """Raise PictureError for a BMP that TensorFlow's BMP decoder would misread or refuse
+    (step 1): it reads 24- and 32-bit pixels and 8-bit indices (the graph applies their colour
+    table), uncompressed, after an info header of 40 bytes or more (decode_bmp_op.cc)."""
+    header_size = struct.unpack("<I", data[14:18])[0]
+    core = header_size < 40  # OS/2's 12-byte header: the bit count at offset 24, no compression
+    bits = _u16le(data, 24 if core else 28)
+    compression = 0 if core else struct.unpack("<I", data[30:34])[0]
+    if core or bits not in (8, 24, 32) or compression not in (0, 3) or (compression == 3 and bits != 32):
+        raise PictureError(
+            f"BMP not accepted: {bits} bits per pixel, compression {compression}, a {header_size}-byte "
+            f"header (accepted: 8, 24 or 32 bits per pixel, uncompressed, a header of 40 bytes or "
+            f"more): send PNG or JPEG"
+        )
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Raise PictureError when a PNG's chunks, followed by their lengths from the signature,
+    end before IEND (step 2: libpng, TensorFlow's decoder, refuses such a file; Pillow would
+    read what is there)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        end = pos + 12 + int.from_bytes(data[pos : pos + 4], "big")
+        if end > len(data):
+            break
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos = end
+    raise PictureError("corrupt or truncated image (its PNG chunks end before IEND)")
 
 
 # JPEG start-of-frame markers (ITU T.81 table B.1): SOF0-3, 5-7, 9-11, 13-15; C4 (DHT), C8
@@ -431,6 +470,8 @@ def decode(data: bytes) -> np.ndarray:
     Raises PictureError (see the module docstring) for pictures that cannot be decoded.
     """
     header = read_header(data)
+    if header.format == "png":
+        _check_png_chunks(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if header.format == "jpeg":
@@ -439,7 +480,7 @@ def decode(data: bytes) -> np.ndarray:
                 # (W // r, H // r) gives exactly 1/r; "L" = libjpeg's own luma channel.
                 img.draft("L", (header.width // r, header.height // r))
                 img.load()
-                if img.mode != "L":
+                if img.mode != "L":  # CMYK (Adobe's inverted form read as such): via RGB
                     img = img.convert("L")
                 transpose = _ORIENTATION_TRANSPOSE.get(jpeg_orientation(data))
                 if transpose is not None:
@@ -451,8 +492,11 @@ def decode(data: bytes) -> np.ndarray:
         raise
     except Image.DecompressionBombError as err:
         raise PictureError(f"picture too large ({err})") from err
-    except (Image.UnidentifiedImageError, SyntaxError) as err:
-        raise PictureError(f"not an image Pillow can read ({err})") from err
+    except Image.UnidentifiedImageError as err:
+        # Its signature and header were read above: the rest is damaged.
+        raise PictureError(f"corrupt or truncated image (Pillow cannot read this {header.format.upper()})") from err
+    except SyntaxError as err:
+        raise PictureError(f"corrupt or truncated image ({err})") from err
     except (OSError, ValueError, EOFError, struct.error) as err:
         raise PictureError(f"corrupt or truncated image ({err})") from err
 
@@ -731,42 +775,56 @@ def polarity_and_window(work: np.ndarray) -> tuple[bool, int]:
     return dark_ink, int(min(max(window(dark_ink), 7), top))
 
 
+# Edge replication step 6's top-hats pad their stack by: twice the largest half-window.
+TOP_HAT_PAD = 2 * (max(POLARITY_WINDOWS) // 2)
+
+
 def top_hats(log_dark: np.ndarray, log_light: np.ndarray) -> np.ndarray:
     """Step 6's black top-hats of `log_dark` (its closing minus it) and white top-hats of
     `log_light` (it minus its opening) for every window in POLARITY_WINDOWS: float32
-    [windows, 2, H, W], equal to what _closing gives window by window.
+    [windows, 2, H, W], equal to what _closing gives window by window (see top_hat_ladder).
+    """
+    stack = np.stack([log_dark, -log_light]).astype(np.float32)
+    padded = np.pad(stack, ((0, 0), (TOP_HAT_PAD, TOP_HAT_PAD), (TOP_HAT_PAD, TOP_HAT_PAD)), mode="edge")
+    return np.stack(top_hat_ladder(stack, padded, *log_dark.shape, np.maximum, np.minimum))
+
+
+def top_hat_ladder(stack, padded, h, w, maximum, minimum) -> list:
+    """The passes of step 6's top-hats, for numpy arrays here and for tensors in the graph
+    (export/picture_graph.py): `stack` [2, h, w] = [log_dark, -log_light], `padded` = it with
+    TOP_HAT_PAD pixels of edge replication on each side, `maximum`/`minimum` the library's
+    elementwise extremes (h and w: ints, or scalar tensors where shapes are dynamic). Returns one [2, H, W] per window of POLARITY_WINDOWS: (closing of
+    the stack) - stack, i.e. the black top-hat of log_dark and the white top-hat of log_light.
 
     The white top-hat of x is the black top-hat of -x, so both copies close together. The
     windows are 2**j + 1 pixels: the running max of 2**j x 2**j blocks is shared by all
     windows (one pairwise max per doubling and axis), a window of 2**j + 1 is two such blocks
-    one pixel apart, and only the part the min pass needs is kept. The stack is padded once by
-    edge replication of twice the largest half-window, so every pass takes whole ("valid")
-    windows (more replication than a window reaches changes nothing). The graph's top_hats
-    (export/picture_graph.py) runs the same passes.
+    one pixel apart, and only the part the min pass needs is kept. With the padding every pass
+    takes whole ("valid") windows, without fills or clipping (more replication than a window
+    reaches changes nothing). Uses slicing and the two extremes only.
     """
-    pad = 2 * (max(POLARITY_WINDOWS) // 2)
-    h, w = log_dark.shape
-    stack = np.stack([log_dark, -log_light]).astype(np.float32)
-    blocks = np.pad(stack, ((0, 0), (pad, pad), (pad, pad)), mode="edge")  # max over 1x1 blocks
+    pad = TOP_HAT_PAD
+    blocks = padded  # max over 1x1 blocks
     hats = []
     span = 1
     for k in POLARITY_WINDOWS:
         reach = k - 1  # a power of two: the window is reach + 1 pixels
         assert reach & (reach - 1) == 0, "POLARITY_WINDOWS must be 2**j + 1"
         while span < reach:
-            blocks = _valid_pair(blocks, span, np.maximum)
+            blocks = _valid_pair(blocks, span, maximum)
             span *= 2
-        grown = _valid_pair(blocks, 1, np.maximum)  # [i, j]: window centred at (i, j) + reach / 2
+        grown = _valid_pair(blocks, 1, maximum)  # [i, j]: window centred at (i, j) + reach / 2
+        # The min pass at the picture's pixels reads the max at +- reach / 2 around them.
         closed = grown[:, pad - reach : pad + h, pad - reach : pad + w]
         step = 1
         while step < reach:
-            closed = _valid_pair(closed, step, np.minimum)
+            closed = _valid_pair(closed, step, minimum)
             step *= 2
-        hats.append(_valid_pair(closed, 1, np.minimum) - stack)
-    return np.stack(hats)
+        hats.append(_valid_pair(closed, 1, minimum) - stack)
+    return hats
 
 
-def _valid_pair(values: np.ndarray, shift: int, extreme: np.ufunc) -> np.ndarray:
+def _valid_pair(values, shift: int, extreme):
     """extreme of [C, H, W] and itself shifted by `shift` along axes 1 and 2, valid part only:
     [C, H - shift, W - shift] (blocks of s x s pixels -> of (s + shift) x (s + shift))."""
     values = extreme(values[:, :-shift], values[:, shift:])
@@ -1020,8 +1078,8 @@ def _check_digit_like(kept: np.ndarray, work: np.ndarray, dark_ink: bool) -> Non
     height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
     if max(height, width) < MIN_DIGIT_SIDE:
         raise PictureError(
-            f"no digit-like ink: the largest mark is {width}x{height} px of a "
-            f"{kept.shape[1]}x{kept.shape[0]} working copy, too small to be a digit"
+            f"no digit-like ink: the largest mark is {width}x{height} px of the picture scaled to "
+            f"{kept.shape[1]}x{kept.shape[0]}, too small to be a digit (crop the picture closer to the digit)"
         )
     if width > MAX_WIDTH_RATIO * height:
         raise PictureError(

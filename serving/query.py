@@ -110,7 +110,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, list[str], QueryConfig]:
                                     description=__doc__.strip().splitlines()[0])
     parser.epilog = "exit status: 0 ok, 2 usage, 3 bad input, 4 unreachable, 5 refused (4xx), 6 server failure (5xx), 7 timeout"
     parser.add_argument("command", choices=COMMANDS, help="what to ask")
-    parser.add_argument("files", nargs="*", help="predict: PNG/JPEG/GIF/BMP pictures or .npy pixel arrays")
+    parser.add_argument("files", nargs="*", help="predict: PNG/JPEG/BMP/WebP pictures or .npy pixel arrays")
     unknown = _unknown_flags(parser, argv)
     if unknown:
         # Before parsing: argparse would take the unknown flag's value for the command and
@@ -221,6 +221,7 @@ def predict_files(client: Any, files: Sequence[str], send_bytes: bool) -> tuple[
         answer = answers[i]
         if isinstance(answer, ServingError):
             message = getattr(answer, "server_message", "") or str(answer)
+            message = message.removeprefix(f"{name}: ")  # the row names the file already
             rows.append({"file": name, "index": None, "error": message, "status": answer.exit_code})
             images.append(None)
             continue
