@@ -886,10 +886,16 @@ def _check_digit_like(kept, work, dark_ink):
     paper = quantile(_ring(work), 0.5, 0.0, 1.0)
     dark_level, light_level = quantile(box, (0.05, 0.95), 0.0, 1.0)
     middle = (paper + tf.where(dark_ink, dark_level, light_level)) / 2
-    fill = tf.reduce_mean(tf.cast(tf.where(dark_ink, box < middle, box > middle), tf.float32))
-    blot = (ratio >= 0.5) & (ratio <= 2.0) & (fill > spec.MAX_FILL)
+    inked = tf.cast(tf.where(dark_ink, box < middle, box > middle), tf.float32)
+    fill = tf.reduce_mean(inked)
+    ys = 2 * tf.range(height)[:, None] + 1 - height  # the inscribed ellipse, in integers
+    xs = 2 * tf.range(width)[None, :] + 1 - width
+    inside = tf.cast(ys * ys * width * width + xs * xs * height * height <= height * height * width * width, tf.float32)
+    round_fill = tf.reduce_sum(inked * inside) / tf.reduce_sum(inside)
+    blot = (ratio >= 0.5) & (ratio <= 2.0) & ((fill > spec.MAX_FILL) | (round_fill > spec.MAX_ROUND_FILL))
     return _guard(kept, ~blot, tf.strings.join([
-        "no digit-like ink: a solid blot (", _decimals(fill * 100.0, 0), "% of its box is ink-coloured), not pen strokes"]))
+        "no digit-like ink: a solid blot (", _decimals(fill * 100.0, 0), "% of its box and ",
+        _decimals(round_fill * 100.0, 0), "% of the ellipse inside it are ink-coloured), not pen strokes"]))
 
 
 def crop(ink, mask):

@@ -113,9 +113,11 @@ its windows clipped at the borders where step 7 says so.
     kept mask is the mask's pixels in kept components. Not digit-like (refused, "no
     digit-like ink"): a kept box whose long side is under MIN_DIGIT_SIDE px, wider than
     MAX_WIDTH_RATIO x its height (a line, a word), or squarish (0.5-2) and ink-coloured in
-    more than MAX_FILL of its pixels (a blot: v past the middle between the paper, the ring's
-    median, and the ink, the box's 0.05 quantile for dark ink, 0.95 for light ink; quantiles
-    over [0, 1]).
+    more than MAX_FILL of its pixels or more than MAX_ROUND_FILL of those of the ellipse
+    inscribed in it (a blot, square or round; ink-coloured: v past the middle between the
+    paper, the ring's median, and the ink, the box's 0.05 quantile for dark ink, 0.95 for
+    light ink; quantiles over [0, 1]; the ellipse: the pixels whose centres satisfy
+    (2y + 1 - h)^2 w^2 + (2x + 1 - w)^2 h^2 <= h^2 w^2 in the h x w box).
 10. Crop: ink within an octagon of radius 2 around the kept mask (dilation: 3x3 square, then
     cross), cut to the rows and columns where it exceeds 0.05.
 11. Strokes: width = 2 x area / (pi/4 x 4-neighbour edge count) of the kept mask in the crop.
@@ -225,6 +227,9 @@ NEAR = 0.25
 MIN_DIGIT_SIDE = 6
 MAX_WIDTH_RATIO = 3.0
 MAX_FILL = 0.92
+# ...and fill <= 0.949 of the ellipse inscribed in their box (3 of 54,967 squarish ones over
+# 0.92); a filled disk fills all of it (and only 79% of its box).
+MAX_ROUND_FILL = 0.95
 # Components the keep rule looks at, largest first (the rest are specks in any real picture).
 MAX_COMPONENTS = 64
 
@@ -1086,16 +1091,28 @@ def _check_digit_like(kept: np.ndarray, work: np.ndarray, dark_ink: bool) -> Non
             f"no digit-like ink: the marks are {width / height:.1f} times wider than tall "
             f"(a line or a word, not one digit)"
         )
-    # A blot: its box is ink-coloured nearly everywhere.
+    # A blot: its box, or the ellipse inside it, is ink-coloured nearly everywhere.
     box = work[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     paper = _quantile(_ring(work), 0.5, 0.0, 1.0)
     ink = _quantile(box, 0.05 if dark_ink else 0.95, 0.0, 1.0)
     middle = np.float32((paper + ink) / 2)
-    fill = float(np.mean(box < middle if dark_ink else box > middle, dtype=np.float32))
-    if 0.5 <= width / height <= 2.0 and fill > MAX_FILL:
+    inked = box < middle if dark_ink else box > middle
+    fill = float(np.mean(inked, dtype=np.float32))
+    round_fill = float(np.mean(inked[_inscribed_ellipse(height, width)], dtype=np.float32))
+    if 0.5 <= width / height <= 2.0 and (fill > MAX_FILL or round_fill > MAX_ROUND_FILL):
         raise PictureError(
-            f"no digit-like ink: a solid blot ({fill:.0%} of its box is ink-coloured), not pen strokes"
+            f"no digit-like ink: a solid blot ({fill:.0%} of its box and {round_fill:.0%} of the "
+            f"ellipse inside it are ink-coloured), not pen strokes"
         )
+
+
+def _inscribed_ellipse(height: int, width: int) -> np.ndarray:
+    """bool [height, width]: the pixels whose centres lie in the ellipse inscribed in the box
+    (step 9), in integers: (2y + 1 - h)^2 w^2 + (2x + 1 - w)^2 h^2 <= h^2 w^2."""
+    h, w = np.int64(height), np.int64(width)
+    ys = 2 * np.arange(h, dtype=np.int64)[:, None] + 1 - h
+    xs = 2 * np.arange(w, dtype=np.int64)[None, :] + 1 - w
+    return ys * ys * w * w + xs * xs * h * h <= h * h * w * w
 
 
 def crop(ink: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

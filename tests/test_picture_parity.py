@@ -437,6 +437,13 @@ def _blot() -> np.ndarray:
     return picture
 
 
+def _disk() -> np.ndarray:
+    ys, xs = np.mgrid[0:200, 0:240]
+    picture = np.full((200, 240), 238, np.uint8)
+    picture[(ys - 100) ** 2 + (xs - 120) ** 2 <= 60**2] = 20  # a filled disk: 79% of its box
+    return picture
+
+
 BAD = {
     "text": (b"this is not a picture", "not an image"),
     "nothing": (b"", "not an image"),
@@ -455,7 +462,8 @@ BAD = {
     "black-28x28": (png(np.zeros((28, 28), np.uint8)), "empty picture"),
     "transparent": (png(np.zeros((64, 64, 4), np.uint8), "RGBA"), "empty picture"),
     "a-line": (png(_line()), "no digit-like ink"),
-    "a-blot": (png(_blot()), "no digit-like ink"),
+    "a-blot": (png(_blot()), "no digit-like ink: a solid blot"),
+    "a-round-blot": (jpeg(_disk()), "no digit-like ink: a solid blot"),
     "a-small-mark": (jpeg(_small_mark()), "too small to be a digit (crop the picture closer to the digit)"),
 }
 
