@@ -798,8 +798,9 @@ def top_hat_ladder(stack, padded, h, w, maximum, minimum) -> list:
     """The passes of step 6's top-hats, for numpy arrays here and for tensors in the graph
     (export/picture_graph.py): `stack` [2, h, w] = [log_dark, -log_light], `padded` = it with
     TOP_HAT_PAD pixels of edge replication on each side, `maximum`/`minimum` the library's
-    elementwise extremes (h and w: ints, or scalar tensors where shapes are dynamic). Returns one [2, H, W] per window of POLARITY_WINDOWS: (closing of
-    the stack) - stack, i.e. the black top-hat of log_dark and the white top-hat of log_light.
+    elementwise extremes (h and w: ints, or scalar tensors where shapes are dynamic). Returns
+    one [2, h, w] per window of POLARITY_WINDOWS: (closing of the stack) - stack, i.e. the
+    black top-hat of log_dark and the white top-hat of log_light.
 
     The white top-hat of x is the black top-hat of -x, so both copies close together. The
     windows are 2**j + 1 pixels: the running max of 2**j x 2**j blocks is shared by all
