@@ -888,9 +888,7 @@ def _check_digit_like(kept, work, dark_ink):
     middle = (paper + tf.where(dark_ink, dark_level, light_level)) / 2
     inked = tf.cast(tf.where(dark_ink, box < middle, box > middle), tf.float32)
     fill = tf.reduce_mean(inked)
-    ys = 2 * tf.range(height)[:, None] + 1 - height  # the inscribed ellipse, in integers
-    xs = 2 * tf.range(width)[None, :] + 1 - width
-    inside = tf.cast(ys * ys * width * width + xs * xs * height * height <= height * height * width * width, tf.float32)
+    inside = tf.cast(spec.inscribed_ellipse(height, width, tf.range), tf.float32)
     round_fill = tf.reduce_sum(inked * inside) / tf.reduce_sum(inside)
     blot = (ratio >= 0.5) & (ratio <= 2.0) & ((fill > spec.MAX_FILL) | (round_fill > spec.MAX_ROUND_FILL))
     return _guard(kept, ~blot, tf.strings.join([

@@ -497,12 +497,10 @@ def decode(data: bytes) -> np.ndarray:
         raise
     except Image.DecompressionBombError as err:
         raise PictureError(f"picture too large ({err})") from err
-    except Image.UnidentifiedImageError as err:
+    except Image.UnidentifiedImageError as err:  # an OSError, whose text holds the BytesIO's repr
         # Its signature and header were read above: the rest is damaged.
         raise PictureError(f"corrupt or truncated image (Pillow cannot read this {header.format.upper()})") from err
-    except SyntaxError as err:
-        raise PictureError(f"corrupt or truncated image ({err})") from err
-    except (OSError, ValueError, EOFError, struct.error) as err:
+    except (SyntaxError, OSError, ValueError, EOFError, struct.error) as err:
         raise PictureError(f"corrupt or truncated image ({err})") from err
 
 
@@ -611,9 +609,7 @@ def _window_counts(n: int) -> np.ndarray:
     """float32 [n]: how many of the 3 pixels centred on each of n lie inside (2 at the ends)."""
     counts = np.full(n, 3, np.float32)
     counts[0] -= 1
-    counts[-1] -= 1
-    if n == 1:
-        counts[0] = 1
+    counts[-1] -= 1  # n == 1: the same pixel, 1
     return counts
 
 
@@ -1099,7 +1095,7 @@ def _check_digit_like(kept: np.ndarray, work: np.ndarray, dark_ink: bool) -> Non
     middle = np.float32((paper + ink) / 2)
     inked = box < middle if dark_ink else box > middle
     fill = float(np.mean(inked, dtype=np.float32))
-    round_fill = float(np.mean(inked[_inscribed_ellipse(height, width)], dtype=np.float32))
+    round_fill = float(np.mean(inked[inscribed_ellipse(height, width, np.arange)], dtype=np.float32))
     if 0.5 <= width / height <= 2.0 and (fill > MAX_FILL or round_fill > MAX_ROUND_FILL):
         raise PictureError(
             f"no digit-like ink: a solid blot ({fill:.0%} of its box and {round_fill:.0%} of the "
@@ -1107,13 +1103,13 @@ def _check_digit_like(kept: np.ndarray, work: np.ndarray, dark_ink: bool) -> Non
         )
 
 
-def _inscribed_ellipse(height: int, width: int) -> np.ndarray:
-    """bool [height, width]: the pixels whose centres lie in the ellipse inscribed in the box
-    (step 9), in integers: (2y + 1 - h)^2 w^2 + (2x + 1 - w)^2 h^2 <= h^2 w^2."""
-    h, w = np.int64(height), np.int64(width)
-    ys = 2 * np.arange(h, dtype=np.int64)[:, None] + 1 - h
-    xs = 2 * np.arange(w, dtype=np.int64)[None, :] + 1 - w
-    return ys * ys * w * w + xs * xs * h * h <= h * h * w * w
+def inscribed_ellipse(height, width, arange):
+    """bool [height, width]: the pixels whose centres lie in the ellipse inscribed in an
+    h x w box (step 9), in integers: (2y + 1 - h)^2 w^2 + (2x + 1 - w)^2 h^2 <= h^2 w^2.
+    `arange`: np.arange here, tf.range in the graph (height, width: int64 tensors there)."""
+    ys = 2 * arange(height)[:, None] + 1 - height
+    xs = 2 * arange(width)[None, :] + 1 - width
+    return ys * ys * width * width + xs * xs * height * height <= height * height * width * width
 
 
 def crop(ink: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

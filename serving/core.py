@@ -25,7 +25,8 @@ import numpy as np
 from common import contract
 from serving import batching, config_files
 from serving import protocol as pr
-from serving.metrics import BATCH_BUCKETS, PADDING_SIZE, PROCESSED_BATCH_SIZE, REQUEST_LATENCY, RUNTIME_LATENCY, Metrics
+from serving.metrics import (BATCH_BUCKETS, PADDING_SIZE, PROCESSED_BATCH_SIZE, REQUEST_COUNT, REQUEST_LATENCY,
+                             RUNTIME_LATENCY, Metrics)
 
 MAX_BATCH_QUEUES_PER_VERSION = 8  # distinct (signature, row shape, outputs) combinations batched
 
@@ -260,7 +261,7 @@ class ServingCore:
         of any name: a client sending many would grow the page without bound)."""
         if model and not self.manager.knows(model):
             model = ""
-        self.metrics.inc(":tensorflow:serving:request_count", model_name=model, status=code)
+        self.metrics.inc(REQUEST_COUNT, model_name=model, status=code)
         if code == "OK":
             self.metrics.observe(REQUEST_LATENCY, (time.perf_counter() - started) * 1e6,
                                  model_name=model, API=api, entrypoint=entrypoint)

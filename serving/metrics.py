@@ -27,6 +27,7 @@ BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 13))
 
 PROCESSED_BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
 PADDING_SIZE = ":tensorflow:serving:batching_session:padding_size"
+REQUEST_COUNT = ":tensorflow:serving:request_count"
 REQUEST_LATENCY = ":tensorflow:serving:request_latency"
 RUNTIME_LATENCY = ":tensorflow:serving:runtime_latency"
 
